@@ -5,7 +5,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: help install data test lint serve phantom clean-runs
 
 help:
-	@echo "make serve    install, fetch the example CT and start the MONAI Label server (see README)"
+	@echo "make serve    install, fetch the example CT, bootstrap a model if needed, start the server on 127.0.0.1:8000"
 	@echo "make test     install and run the test suite"
 	@echo "make install  create/update .venv from requirements.txt (idempotent)"
 	@echo "make data     fetch the real example CT (TotalSegmentator sdist) into data/"
@@ -28,8 +28,7 @@ lint: install
 	$(PY) -m ruff check .
 
 serve: install data
-	@echo "make serve: the MONAI Label app (issue 5) has not landed yet; nothing to serve." >&2
-	@exit 2
+	$(PY) -m lib.serve $(SERVE_ARGS)
 
 clean-runs:
 	rm -rf runs

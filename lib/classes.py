@@ -234,6 +234,8 @@ def map_label_values(label: np.ndarray, source_to_universal: Mapping[int, int], 
 
 def check_universal_label_values(label: np.ndarray, source: str = "label") -> None:
     """Raise LabelValueError naming ``source`` if values fall outside 0..NUM_CLASSES."""
+    if not np.isfinite(label).all():
+        raise LabelValueError(f"{source}: label holds NaN or Inf values")
     values = np.unique(label)
     bad = [v for v in values.tolist() if v < 0 or v > MAX_LABEL_VALUE or float(v) != int(v)]
     if bad:

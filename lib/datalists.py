@@ -95,34 +95,50 @@ def parse_dataset_list(
     return entries
 
 
-def validate_entry(entry: CaseEntry, check_label_values: bool = True) -> None:
-    """Check files exist and load, grids match, label values are in the template; raise DatasetListError."""
-    files = [("image", entry.image)] + ([("label", entry.label)] if entry.label is not None else [])
+class PairCheckError(ValueError):
+    """An image/label pair that cannot be used together; the message names the file and the problem."""
+
+
+def check_pair(image: Path, label: Path | None, check_label_values: bool = True) -> np.ndarray | None:
+    """Files exist and load, grids match, label values lie in the template; returns the label voxels if read.
+
+    Shared by dataset-list validation and label uploads, so both reject the same things the same way.
+    """
+    files = [("image", image)] + ([("label", label)] if label is not None else [])
     headers = {}
     for role, path in files:
         if not path.exists():
-            raise DatasetListError(f"{entry.where}: {role} file {path} does not exist")
+            raise PairCheckError(f"{role} file {path} does not exist")
         try:
             headers[role] = read_header(path)
         except VolumeReadError as error:
-            raise DatasetListError(f"{entry.where}: {role} file {error}") from error
-    if entry.label is None:
-        return
+            raise PairCheckError(f"{role} file {error}") from error
+    if label is None:
+        return None
     (image_shape, image_affine), (label_shape, label_affine) = headers["image"], headers["label"]
     if image_shape != label_shape:
-        raise DatasetListError(
-            f"{entry.where}: label {entry.label} has shape {label_shape} but image {entry.image} has {image_shape}"
-        )
+        raise PairCheckError(f"label {label} has shape {label_shape} but image {image} has {image_shape}")
     if not np.allclose(image_affine, label_affine, atol=1e-3):
-        raise DatasetListError(
-            f"{entry.where}: label {entry.label} affine differs from image {entry.image} "
+        raise PairCheckError(
+            f"label {label} affine differs from image {image} "
             f"(max difference {np.abs(image_affine - label_affine).max():.3g} mm)"
         )
-    if check_label_values:
-        try:
-            check_universal_label_values(read_volume(entry.label)[0], source=str(entry.label))
-        except (LabelValueError, VolumeReadError) as error:
-            raise DatasetListError(f"{entry.where}: {error}") from error
+    if not check_label_values:
+        return None
+    try:
+        voxels = read_volume(label)[0]
+        check_universal_label_values(voxels, source=str(label))
+    except (LabelValueError, VolumeReadError) as error:
+        raise PairCheckError(str(error)) from error
+    return voxels
+
+
+def validate_entry(entry: CaseEntry, check_label_values: bool = True) -> None:
+    """check_pair for one list line; errors are prefixed with the list file and line number."""
+    try:
+        check_pair(entry.image, entry.label, check_label_values)
+    except PairCheckError as error:
+        raise DatasetListError(f"{entry.where}: {error}") from error
 
 
 def read_dataset_list(

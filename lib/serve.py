@@ -1,0 +1,118 @@
+"""`make serve`: prepare everything a first-time user needs, then start the MONAI Label server.
+
+1. the real example CT (checksummed) and a phantom cohort built from it;
+2. a demo studies folder: the phantom CTs, with their simulated AI predictions as ``original`` labels
+   (the replay pool for continual tuning), plus the real CT;
+3. a published model: from ``pretrained_checkpoints/`` when present, else a bootstrap round-1 model
+   trained here within a time budget (progress shown), so the first predictions are meaningful;
+4. ``monailabel start_server --app apps/revseg --studies ... --conf models unet`` on 127.0.0.1:8000.
+
+Every step is skipped when its output exists, so a second start is up in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from lib.app_config import AppConfig
+from lib.example_ct import example_case
+from lib.model_store import ModelStore
+from lib.paths import REPO_ROOT, data_dir
+from lib.phantom import PhantomConfig, build_cohort
+from lib.trainers.train_task import PRETRAINED_DIR, PUBLISHED_NAMES
+
+log = logging.getLogger("revseg.serve")
+
+
+def prepare_cohort(root: Path, num_cases: int, spacing: float) -> Path:
+    if not (root / "cohort.json").is_file():
+        log.info("building a %d-case phantom cohort at %.1f mm in %s", num_cases, spacing, root)
+        build_cohort(root, PhantomConfig(num_cases=num_cases, seed=0, spacing=(spacing,) * 3))
+    return root
+
+
+def prepare_studies(studies: Path, cohort: Path) -> Path:
+    """Copy CTs (and their simulated AI labels as the ``original`` tag) into a MONAI Label studies folder."""
+    originals = studies / "labels" / "original"
+    originals.mkdir(parents=True, exist_ok=True)
+    for image in sorted((cohort / "images").glob("*.nii.gz")):
+        if not (studies / image.name).exists():
+            shutil.copy(image, studies / image.name)
+            shutil.copy(cohort / "labels_ai" / image.name, originals / image.name)
+    real_ct, _ = example_case("example_ct")
+    if not (studies / "example_ct.nii.gz").exists():
+        shutil.copy(real_ct, studies / "example_ct.nii.gz")
+    return studies
+
+
+def bootstrap_model(store: ModelStore, backbone: str, cohort: Path, config: AppConfig, minutes: float) -> None:
+    """Publish a round-1 model: full training on the cohort's AI labels, bounded in time."""
+    run_dir = config.runs / backbone / "bootstrap"
+    args = ["--backbone", backbone, "--data_root_path", str(cohort), "--dataset_list", str(cohort / "train.txt"),
+            "--val_list", str(cohort / "val.txt"), "--run_dir", str(run_dir), "--max_epoch", "40",
+            "--warmup_epoch", "2", "--val_every", "10", "--store_num", "5", "--lr", "2e-3", "--num_samples", "2",
+            "--width", str(config.width), "--time_limit_minutes", str(minutes)]
+    for axis, roi, spacing in zip("xyz", config.roi_size, config.spacing, strict=True):
+        args += [f"--roi_{axis}", str(roi), f"--space_{axis}", str(spacing)]
+    pretrained = PRETRAINED_DIR / PUBLISHED_NAMES[backbone]
+    if pretrained.is_file():
+        args += ["--pretrain", str(pretrained)]
+    resume = run_dir / "checkpoints" / "last.pt"
+    if resume.is_file():  # an interrupted bootstrap continues where it stopped
+        args = ["--resume", str(resume)]
+    log.info("no published %s model: training a bootstrap model (at most %.0f min; Ctrl-C is safe)", backbone, minutes)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], env=env, cwd=REPO_ROOT, check=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    store.publish(backbone, run_dir / "checkpoints" / "last.pt",
+                  {"mode": "full", "bootstrap": True, "wall_seconds": summary["wall_seconds"],
+                   "best_val_metric": summary["best_val_metric"]})
+
+
+def server_command(app_conf: dict[str, str], studies: Path, host: str, port: int) -> list[str]:
+    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(REPO_ROOT / "apps" / "revseg"),
+           "--studies", str(studies), "--host", host, "--port", str(port)]
+    for key, value in app_conf.items():
+        cmd += ["--conf", key, value]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=Path, default=data_dir() / "studies")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (see README before exposing it)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--models", default="unet")
+    parser.add_argument("--cases", type=int, default=20, help="phantom cases in the demo studies folder")
+    parser.add_argument("--bootstrap-minutes", type=float, default=10.0)
+    parser.add_argument("--width", default="0.5", help="backbone width of a bootstrap model (CPU)")
+    parser.add_argument("--prepare-only", action="store_true", help="prepare everything, do not start the server")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    app_conf = {"models": args.models, "width": args.width}
+    config = AppConfig.from_conf(app_conf)
+    cohort = prepare_cohort(data_dir() / "phantom_demo", args.cases, config.spacing[0])
+    studies = prepare_studies(args.studies, cohort)
+    store = ModelStore(config.model_dir)
+    for backbone in config.models:
+        if not store.exists(backbone):
+            bootstrap_model(store, backbone, cohort, config, args.bootstrap_minutes)
+    cmd = server_command(app_conf, studies, args.host, args.port)
+    log.info("starting: %s", " ".join(cmd))
+    if args.prepare_only:
+        return 0
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
