@@ -313,8 +313,14 @@ class Predictor:
         classes: Iterable[ClassSpec] | str | None = None,
         backbone: str | None = None,
     ) -> Predictor:
-        """Build from a revseg checkpoint; ``backbone`` (if given) must be the checkpoint's, else ValueError."""
-        model, _ = build_model_from_checkpoint(path, map_location="cpu")
+        """Build from a revseg checkpoint; ``backbone`` (if given) must be the checkpoint's, else ValueError.
+
+        Without ``classes`` it predicts the classes the checkpoint's training supervised (all when the
+        checkpoint does not record them).
+        """
+        model, ckpt = build_model_from_checkpoint(path, map_location="cpu")
+        if classes is None and ckpt.get("supervised_classes"):
+            classes = ckpt["supervised_classes"]  # heads never trained would only predict noise
         found = model.config["backbone"]
         wanted = found if backbone is None else canonical_backbone(backbone)
         if wanted != found:

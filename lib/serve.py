@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="unet")
     parser.add_argument("--cases", type=int, default=20, help="phantom cases in the demo studies folder")
     parser.add_argument("--bootstrap-minutes", type=float, default=10.0)
-    parser.add_argument("--width", default="0.5", help="backbone width of a bootstrap model (CPU)")
+    parser.add_argument("--width", default="0.25", help="backbone width of a bootstrap model (CPU)")
     parser.add_argument("--prepare-only", action="store_true", help="prepare everything, do not start the server")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

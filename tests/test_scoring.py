@@ -77,12 +77,12 @@ def checkpoints(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def case_list(tiny_cohort: Path, example_ct_small, tmp_path_factory) -> Path:
-    """Two phantom cases, the real small CT at 3 mm (inverted from 6 mm for real), and a truncated file."""
+    """A phantom case, the real small CT at 3 mm (so the map is really resampled back), and a truncated file."""
     folder = tmp_path_factory.mktemp("lists")
     good = (tiny_cohort / "images" / "case_0004.nii.gz").read_bytes()
     broken = folder / "broken_case.nii.gz"
     broken.write_bytes(good[: len(good) // 2])
-    lines = ["images/case_0004.nii.gz", "images/case_0005.nii.gz", str(example_ct_small[0]), str(broken)]
+    lines = ["images/case_0004.nii.gz", str(example_ct_small[0]), str(broken)]
     path = folder / "score.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -97,10 +97,10 @@ def single_run(checkpoints, case_list, tiny_cohort, tmp_path_factory) -> Path:
 
 def test_scores_cases_and_reports_the_unreadable_one(single_run: Path, case_list: Path):
     rows = {r["case_id"]: r for r in read_priority_rows(single_run / "priorities.csv")}
-    assert sorted(rows) == ["case_0004", "case_0005", "example_ct_sm"]
+    assert sorted(rows) == ["case_0004", "example_ct_sm"]
     failures = json.loads((single_run / "failures.json").read_text())
     assert [f["case_id"] for f in failures] == ["broken_case"]
-    assert "broken_case.nii.gz" in failures[0]["error"] and failures[0]["where"] == f"{case_list}:4"
+    assert "broken_case.nii.gz" in failures[0]["error"] and failures[0]["where"] == f"{case_list}:3"
     for case_id, row in rows.items():
         counts = [int(row[f"attention_{CLASS_NAMES[c]}"]) for c in DEFAULT_TARGET_CLASSES]
         assert float(row["priority"]) == sum(counts) > 0, "priority = attention voxels over the target classes"
@@ -114,7 +114,7 @@ def test_scores_cases_and_reports_the_unreadable_one(single_run: Path, case_list
 def test_attention_maps_land_on_the_original_grid(single_run: Path, case_list: Path, tiny_cohort: Path):
     images = {e.case_id: e.image for e in parse_dataset_list(case_list, tiny_cohort)}
     allowed = {0} | {c + 1 for c in DEFAULT_TARGET_CLASSES}
-    for case_id in ("case_0004", "case_0005", "example_ct_sm"):
+    for case_id in ("case_0004", "example_ct_sm"):
         original, attention = nib.load(images[case_id]), nib.load(single_run / "attention" / f"{case_id}.nii.gz")
         assert attention.shape == original.shape
         assert np.allclose(attention.affine, original.affine, atol=1e-4)
@@ -134,12 +134,14 @@ def test_torchrun_shards_match_single_process(single_run: Path, checkpoints, cas
     assert sorted(p.name for p in (out / "cases").iterdir()) == sorted(p.name for p in (single_run / "cases").iterdir())
 
 
-def test_resume_skips_scored_cases_and_rescores_after_checkpoint_change(tiny_cohort: Path, tmp_path: Path, caplog):
+def test_resume_skips_scored_cases_and_rescores_after_checkpoint_change(
+    tiny_cohort: Path, example_ct_small, tmp_path: Path, caplog
+):
     models = _save_models(tmp_path)
     one = tmp_path / "one.txt"
-    one.write_text("images/case_0005.nii.gz\n")
-    args = _args(models, one, tiny_cohort, tmp_path / "out")
-    record = tmp_path / "out" / "cases" / "case_0005.json"
+    one.write_text(f"{example_ct_small[0]}\n")
+    args = [*_args(models, one, tiny_cohort, tmp_path / "out"), "--context_classes", "none"]
+    record = tmp_path / "out" / "cases" / "example_ct_sm.json"
     assert score_main(args) == 0
     first = record.stat().st_mtime_ns
 
@@ -147,7 +149,7 @@ def test_resume_skips_scored_cases_and_rescores_after_checkpoint_change(tiny_coh
         assert score_main(args) == 0
     assert record.stat().st_mtime_ns == first
     assert "1 of 1 case(s) already scored" in caplog.text
-    assert list(read_priorities(tmp_path / "out" / "priorities.csv")) == ["case_0005"]
+    assert list(read_priorities(tmp_path / "out" / "priorities.csv")) == ["example_ct_sm"]
 
     save_checkpoint(models[1], _model(noise_seed=2))  # a retrained model replaces the file
     caplog.clear()

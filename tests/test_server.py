@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.request import Request, urlopen
 
 import nibabel as nib
 import numpy as np
@@ -29,7 +30,7 @@ from lib.paths import REPO_ROOT
 from lib.trainers.train import main as train_main
 
 REVISED = ("aorta", "postcava")
-CONF = {"models": "unet", "roi_size": "32", "spacing": "6", "overlap": "0.25", "train_epochs": "2",
+CONF = {"models": "unet", "roi_size": "64", "spacing": "6", "overlap": "0", "train_epochs": "2",
         "train_processes": "2", "device": "cpu"}
 
 
@@ -49,7 +50,7 @@ def server(tiny_cohort: Path, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     studies = root / "studies"
     studies.mkdir()
-    for image in sorted((tiny_cohort / "images").glob("*.nii.gz"))[:4]:
+    for image in sorted((tiny_cohort / "images").glob("*.nii.gz"))[:3]:
         shutil.copy(image, studies / image.name)
     assert train_main(["--data_root_path", str(tiny_cohort), "--dataset_list", str(tiny_cohort / "train_gt.txt"),
                        "--run_dir", str(root / "round1"), "--width", "0.25", "--roi_x", "32", "--roi_y", "32",
@@ -106,6 +107,9 @@ def test_slicer_sequence(server, tmp_path: Path):
     assert unet["label_colors"]["liver"] and "attention" in info["strategies"]
     assert info["train_stats"]["unet"]["published"]["round"] == 1
 
+    scores = json.loads(_post(server, "/scoring/attention?run_sync=true"))
+    assert scores["scored"] == 3 and not scores["failed"]
+    assert json.loads(_post(server, "/scoring/attention?run_sync=true"))["skipped"] == 3, "unchanged: not rescored"
     sample = client.next_sample("attention", {})
     image_id = sample["id"]
     assert sample["priority"] >= 0 and image_id in {p.name.removesuffix(".nii.gz") for p in
@@ -146,9 +150,14 @@ def test_slicer_sequence(server, tmp_path: Path):
 
 
 def _get(server, path: str) -> str:
-    from urllib.request import urlopen
-
     with urlopen(f"http://127.0.0.1:{server['port']}{path}") as response:
+        return response.read().decode()
+
+
+def _post(server, path: str) -> str:
+    request = Request(f"http://127.0.0.1:{server['port']}{path}", data=b"{}", method="POST",
+                      headers={"Content-Type": "application/json"})
+    with urlopen(request) as response:
         return response.read().decode()
 
 

@@ -60,7 +60,7 @@ class RevsegApp(MONAILabelApp):
         return {b: RevisionTrainTask(b, self.store, self.app_config) for b in self.app_config.models}
 
     def init_strategies(self):
-        return {"attention": AttentionStrategy(self.attention_scoring), "random": Random(), "first": First()}
+        return {"attention": AttentionStrategy(), "random": Random(), "first": First()}
 
     def init_scoring_methods(self):
         return {"attention": self.attention_scoring}

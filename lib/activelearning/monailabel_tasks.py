@@ -63,21 +63,24 @@ class AttentionScoring(ScoringMethod):
 
 
 class AttentionStrategy(Strategy):
-    """Next image for revision: the unrevised image with the highest attention priority."""
+    """Next image for revision: the unrevised image with the highest attention priority.
 
-    def __init__(self, scoring: AttentionScoring):
+    Scores come from the ``attention`` scoring method, which MONAI Label runs in the background at
+    start-up and after every request for a sample; the strategy itself only reads them, so asking
+    for the next case stays instant however many studies there are.
+    """
+
+    def __init__(self):
         super().__init__("Highest attention priority among images without an expert (final) label")
-        self.scoring = scoring
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         candidates = datastore.get_unlabeled_images()
         if not candidates:
             return {}
-        self.scoring(request, datastore)  # cheap when nothing changed: every score is reused
         infos = {i: datastore.get_image_info(i).get(INFO_KEY) or {} for i in candidates}
         priorities = {i: float(info["priority"]) for i, info in infos.items() if "priority" in info}
         if not priorities:
-            log.warning("no attention scores (no published model?); falling back to the first image")
-            return {"id": sorted(candidates)[0], "strategy": "attention (fallback: first)"}
+            log.warning("no attention scores yet (scoring still running, or no model); offering the first image")
+            return {"id": sorted(candidates)[0], "strategy": "attention (no scores yet: first)"}
         best = rank_cases(priorities)[0]
         return {"id": best, "priority": priorities[best], "ranked_classes": infos[best].get("ranked_classes", [])}

@@ -42,7 +42,13 @@ import torch
 from monai.data import MetaTensor
 from tqdm import tqdm
 
-from lib.activelearning.attention import AttentionMaps, attention_maps, case_priority, class_ranking
+from lib.activelearning.attention import (
+    DEFAULT_OPENING_ITERATIONS,
+    AttentionMaps,
+    attention_maps,
+    case_priority,
+    class_ranking,
+)
 from lib.activelearning.priorities import write_priority_rows
 from lib.classes import CLASS_NAMES, NUM_CLASSES, SEED_REVISED_CLASSES, UnknownClassError, parse_class_list
 from lib.datalists import CaseEntry, DatasetListError, read_dataset_list, strip_volume_suffix
@@ -190,15 +196,20 @@ def score_probabilities(
     target_classes: Sequence[int] = DEFAULT_TARGET_CLASSES,
     per_slice: bool = False,
     case_id: str = "",
+    opening_iterations: int = DEFAULT_OPENING_ITERATIONS,
 ) -> CaseScore:
-    """Score ``[M, C, ...]`` ensemble probabilities whose channels are the universal ``class_indices``."""
+    """Score ``[M, C, ...]`` ensemble probabilities whose channels are the universal ``class_indices``.
+
+    ``opening_iterations`` is the published 2 (a 5-voxel cube that drops speckle at 1.5 mm); it counts
+    voxels, so at coarse working spacings it also erases real structures (30 mm at 6 mm).
+    """
     classes = tuple(int(c) for c in class_indices)
     targets = tuple(int(c) for c in target_classes)
     missing = [CLASS_NAMES[c] for c in targets if c not in classes]
     if missing or not targets:
         raise ValueError(f"target classes {missing or '(none)'} are not among the scored classes")
     array = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    maps = attention_maps(array)
+    maps = attention_maps(array, opening_iterations=opening_iterations)
     channels = [classes.index(c) for c in targets]
     pairs = list(zip(targets, channels, strict=True))
     return CaseScore(
@@ -231,6 +242,7 @@ def score_case(
     per_slice: bool = False,
     case_id: str | None = None,
     flips: bool | None = None,
+    opening_iterations: int = DEFAULT_OPENING_ITERATIONS,
 ) -> CaseScore:
     """Attention score of one preprocessed sample (the output of :func:`lib.transforms.ct_pipeline`).
 
@@ -240,7 +252,7 @@ def score_case(
     classes = scored_classes(target_classes, context_classes)
     probs = ensemble_probabilities(models, sample[IMAGE_KEY][None], inference_config, classes, flips)
     case = sample_case_id(sample) if case_id is None else case_id
-    return score_probabilities(probs, classes, target_classes, per_slice, case)
+    return score_probabilities(probs, classes, target_classes, per_slice, case, opening_iterations)
 
 
 def attention_on_original(score: CaseScore, sample: Mapping[str, Any], pipeline: CTPipeline) -> MetaTensor:
@@ -272,6 +284,7 @@ class ScoringSetup:
     target_classes: tuple[int, ...] = DEFAULT_TARGET_CLASSES
     context_classes: tuple[int, ...] | None = None
     per_slice: bool = False
+    opening_iterations: int = DEFAULT_OPENING_ITERATIONS
 
     def settings(self) -> dict[str, Any]:
         context = "all" if self.context_classes is None else [CLASS_NAMES[c] for c in self.context_classes]
@@ -283,6 +296,7 @@ class ScoringSetup:
             "target_classes": [CLASS_NAMES[c] for c in self.target_classes],
             "context_classes": context,
             "per_slice": self.per_slice,
+            "opening_iterations": self.opening_iterations,
         }
 
     def fingerprint(self, entry: CaseEntry) -> dict[str, Any]:
@@ -335,6 +349,7 @@ def score_and_write(
     score = score_case(
         setup.models, sample, setup.inference_configs, setup.target_classes,
         context_classes=setup.context_classes, per_slice=setup.per_slice, case_id=entry.case_id,
+        opening_iterations=setup.opening_iterations,
     )
     restored = attention_on_original(score, sample, pipeline)
     nifti = write_nifti(
@@ -435,6 +450,7 @@ def build_setup(args: argparse.Namespace, device: torch.device) -> ScoringSetup:
         target_classes=parse_class_list(args.classes),
         context_classes=parse_context(args.context_classes),
         per_slice=args.per_slice,
+        opening_iterations=args.opening_iterations,
     )
 
 
@@ -455,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--roi_{axis}", type=int, default=None, help="window size (default: each model's own)")
     p.add_argument("--overlap", type=float, default=InferenceConfig.overlap, help="sliding-window overlap")
     p.add_argument("--per_slice", action="store_true", help="divide priorities by the number of axial slices")
+    p.add_argument("--opening_iterations", type=int, default=DEFAULT_OPENING_ITERATIONS,
+                   help="binary opening of the uncertainty/inconsistency maps, in voxels (published: 2, at 1.5 mm)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 

@@ -3,7 +3,9 @@
 On a held-out phantom cohort with ground truth, a case's true error is ``1 - mean Dice`` over the target
 classes of the first model's thresholded prediction (on the working grid). Each selector ranks the cases:
 
-* attention: the AbdomenAtlas-8K priority (:mod:`lib.activelearning.score`; two models, or one under flips);
+* attention: the AbdomenAtlas-8K priority (:mod:`lib.activelearning.score`; two models, or one under flips),
+  once per ``--opening_iterations`` value (published: 2 voxels, calibrated for 1.5 mm; at the coarse spacing
+  of a CPU run it erases most uncertainty, so smaller openings are scored from the same predictions too);
 * random: the mean over many seeded random rankings (its expected capture is the selected share);
 * epistemic: MC-dropout entropy of the first model (:mod:`lib.activelearning.epistemic`);
 * oracle: the true error itself, the ceiling for the capture columns.
@@ -39,7 +41,7 @@ import torch
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from lib.activelearning.attention import select_top_fraction
+from lib.activelearning.attention import DEFAULT_OPENING_ITERATIONS, select_top_fraction
 from lib.activelearning.epistemic import DEFAULT_DROPOUT, DEFAULT_PASSES, epistemic_score
 from lib.activelearning.score import (
     ensemble_probabilities,
@@ -58,8 +60,6 @@ from lib.phantom import SPLITS, PhantomConfig, build_cohort
 from lib.trainers.train import main as train_main
 from lib.transforms import IMAGE_KEY, LABEL_KEY, CTPipelineConfig, ct_pipeline
 from model.universal import UniversalModel
-
-log = logging.getLogger(__name__)
 
 FRACTIONS = (0.05, 0.10)
 # Tiny CPU models: Swin UNETR needs windows of at least 64 and a feature size that is a multiple of 12.
@@ -147,7 +147,7 @@ def markdown_table(results: Sequence[SelectorResult], n_cases: int, fractions: S
 class CaseResult:
     case_id: str
     error: float
-    attention: float
+    attention: dict[int, float]  # opening iterations -> priority
     epistemic: float
     dice: dict[str, float]
 
@@ -161,6 +161,7 @@ class Evaluator:
     pipeline_config: CTPipelineConfig
     target_classes: tuple[int, ...]
     context_classes: tuple[int, ...] | None
+    openings: tuple[int, ...]
     passes: int
     dropout: float
     seed: int
@@ -181,7 +182,10 @@ class Evaluator:
         classes = scored_classes(self.target_classes, self.context_classes)
         probs = ensemble_probabilities(self.models, sample[IMAGE_KEY][None], self.configs, classes)
         dices = self.true_dice(probs, classes, torch.as_tensor(sample[LABEL_KEY])[0], entry.classes)
-        attention = score_probabilities(probs, classes, self.target_classes, case_id=entry.case_id).priority
+        attention = {
+            k: score_probabilities(probs, classes, self.target_classes, opening_iterations=k).priority
+            for k in self.openings
+        }
         epistemic = epistemic_score(self.models[0], sample, self.configs[0], self.target_classes, self.passes,
                                     self.dropout, self.seed)
         return CaseResult(entry.case_id, 1.0 - float(np.mean(list(dices.values()))), attention, epistemic, dices)
@@ -252,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=",".join(SEED_REVISED_CLASSES), help="target classes")
     p.add_argument("--context_classes", default="all", help="see lib.activelearning.score")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap for scoring")
+    p.add_argument("--opening_iterations", type=int, nargs="+", default=[DEFAULT_OPENING_ITERATIONS, 1, 0],
+                   help="attention opening sizes to compare (voxels; published 2)")
     p.add_argument("--passes", type=int, default=DEFAULT_PASSES, help="MC-dropout passes")
     p.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT, help="MC-dropout rate on the head input")
     p.add_argument("--random_draws", type=int, default=1000)
@@ -262,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _device(name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
+def build_evaluator(args: argparse.Namespace, checkpoints: Sequence[Path]) -> Evaluator:
+    device = _device(args.device)
+    models, ckpts = load_models(checkpoints, device)
+    return Evaluator(
+        models=models,
+        configs=model_inference_configs(models, (None,) * 3, args.overlap, device),
+        pipeline_config=CTPipelineConfig(spacing=trained_spacing(ckpts)),
+        target_classes=parse_class_list(args.classes),
+        context_classes=parse_context(args.context_classes),
+        openings=tuple(args.opening_iterations),
+        passes=args.passes,
+        dropout=args.dropout,
+        seed=args.seed,
+    )
 
 
 def eval_entries(args: argparse.Namespace) -> list[CaseEntry]:
@@ -277,15 +299,23 @@ def write_cases(path: Path, results: Sequence[CaseResult]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         names = sorted({n for r in results for n in r.dice})
-        writer.writerow(["case_id", "error", "attention", "epistemic", *(f"dice_{n}" for n in names)])
+        openings = sorted({k for r in results for k in r.attention}, reverse=True)
+        writer.writerow(["case_id", "error", *(f"attention_opening{k}" for k in openings), "epistemic",
+                         *(f"dice_{n}" for n in names)])
         for r in results:
-            writer.writerow([r.case_id, r.error, r.attention, r.epistemic, *(r.dice.get(n, "") for n in names)])
+            writer.writerow([r.case_id, r.error, *(r.attention[k] for k in openings), r.epistemic,
+                             *(r.dice.get(n, "") for n in names)])
+
+
+def _attention_name(opening: int) -> str:
+    return f"attention (opening {opening}{', published' if opening == DEFAULT_OPENING_ITERATIONS else ''})"
 
 
 def report(results: Sequence[CaseResult], args: argparse.Namespace, setup_lines: Sequence[str]) -> str:
     errors = {r.case_id: r.error for r in results}
     selectors = [
-        evaluate_selector("attention", {r.case_id: r.attention for r in results}, errors),
+        *(evaluate_selector(_attention_name(k), {r.case_id: r.attention[k] for r in results}, errors)
+          for k in args.opening_iterations),
         random_selector(errors, args.random_draws, args.seed),
         evaluate_selector("epistemic (MC dropout)", {r.case_id: r.epistemic for r in results}, errors),
         evaluate_selector("oracle (true error)", errors, errors),
@@ -310,13 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         train_root = build_phantom(args.out_dir / "cohort_train", args.train_cases, args.seed, args.spacing)
         checkpoints, notes = train_models(args, train_root)
         setup_lines += [f"trained on {args.train_cases} phantom cases (seed {args.seed}), ground-truth labels", *notes]
-    device = _device(args.device)
-    models, ckpts = load_models(checkpoints, device)
-    evaluator = Evaluator(
-        models=models, configs=model_inference_configs(models, (None,) * 3, args.overlap, device),
-        pipeline_config=CTPipelineConfig(spacing=trained_spacing(ckpts)), target_classes=parse_class_list(args.classes),
-        context_classes=parse_context(args.context_classes), passes=args.passes, dropout=args.dropout, seed=args.seed,
-    )
+    evaluator = build_evaluator(args, checkpoints)
     setup_lines += [f"checkpoints: {', '.join(str(c) for c in checkpoints)}",
                     f"scoring: overlap {args.overlap}, {evaluator.pipeline_config.spacing} mm, MC dropout "
                     f"p={args.dropout} x {args.passes} passes on the first model"]

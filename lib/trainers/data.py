@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, list_data_collate
 from monai.transforms import (
     Compose,
     RandCropByPosNegLabeld,
@@ -130,3 +130,13 @@ def cached_dataset(
         [c.as_sample() for c in cases], transform=transforms, cache_rate=rate, num_workers=0, progress=False,
         copy_cache=True,
     )
+
+
+def draw_crops(dataset: CacheDataset, transforms: Compose, index: int, seed: int) -> dict:
+    """One seeded draw of case ``index``'s random crops, collated into a batch as the training loader does.
+
+    Seeding the transforms per draw makes the draw the same on every rank and after a resume.
+    """
+    transforms.set_random_state(seed=seed)
+    item = dataset[index]
+    return list_data_collate([item])

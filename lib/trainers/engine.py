@@ -5,6 +5,11 @@ line, the experiment scripts and the MONAI Label train task (which launches it w
 
 Continual tuning freezes the backbone, ``precls_conv``, ``GAP`` and every head but the revised
 classes'; the frozen encoder runs under ``no_grad`` and the optimiser holds only the trainable heads.
+
+With ``cache_features`` (continual only) the frozen encoder runs once per crop instead of once per crop
+per epoch: each case's random crops are drawn ``cache_draws`` times up front, encoded, and every epoch
+then trains the heads on the cached (task features, head input) pairs. The cache is built inside the
+timed run, so its cost is part of the wall time a run reports.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from lib.trainers.data import (
     TrainingCase,
     cached_dataset,
     continual_training_cases,
+    draw_crops,
     full_training_cases,
     training_transforms,
 )
@@ -97,6 +103,9 @@ class TrainConfig:
     cache_gb: float = 4.0
     amp: bool = True
     time_limit_minutes: float | None = None  # stop after the epoch that crosses it (bounded bootstraps)
+    cache_features: bool = False  # continual only: encode fixed crops once, then train the heads on them
+    cache_draws: int = 4  # random crop draws per case in the feature cache (each draw = num_samples crops)
+    cache_dtype: str = "float16"  # storage of cached features (float16 halves the memory; float32 is exact)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -143,6 +152,64 @@ class HeadTrainingStep(nn.Module):
         else:
             task_features, head_input = self.model.encode(image)
         return self.model.decode(task_features, head_input, self.trained)
+
+
+class CachedHeadStep(nn.Module):
+    """(task features, head input) -> logits of the trained classes: the decode-only step of a cached run.
+
+    A module so DistributedDataParallel can wrap it; only the trained heads require gradients, so only
+    their gradients are all-reduced.
+    """
+
+    def __init__(self, model: UniversalModel, trained: Sequence[int]):
+        super().__init__()
+        self.model, self.trained = model, list(trained)
+
+    def forward(self, task_features: torch.Tensor, head_input: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(task_features, head_input, self.trained)
+
+
+@dataclass(frozen=True)
+class CachedCrops:
+    """One draw of a case's crops after the frozen encoder: all a head-training step needs, on the CPU."""
+
+    task_features: torch.Tensor  # [S, 256]
+    head_input: torch.Tensor  # [S, 8, *roi]
+    label: torch.Tensor  # [S, 1, *roi] uint8 universal label values
+    class_mask: torch.Tensor  # [S, K] bool: classes each crop's case supervises
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.task_features, self.head_input, self.label, self.class_mask)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def encode_crops(model: UniversalModel, batch: dict, device: torch.device, dtype: torch.dtype,
+                 use_amp: bool) -> CachedCrops:
+    """Run the frozen encoder once on a collated crop batch and keep its outputs (not the image)."""
+    image = torch.as_tensor(batch[IMAGE_KEY]).to(device)
+    with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
+        task_features, head_input = model.encode(image)
+    return CachedCrops(
+        task_features=task_features.to("cpu", dtype), head_input=head_input.to("cpu", dtype),
+        label=torch.as_tensor(batch[LABEL_KEY]).to(torch.uint8).cpu(),
+        class_mask=torch.as_tensor(batch[CLASS_MASK_KEY]).bool().cpu(),
+    )
+
+
+def concat_crops(parts: Sequence[CachedCrops]) -> CachedCrops:
+    """Several cases' cached crops as one batch (batch_size > 1)."""
+    if len(parts) == 1:
+        return parts[0]
+    return CachedCrops(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(CachedCrops)))
+
+
+def _cache_seed(config: TrainConfig, case: int, draw: int) -> int:
+    """Seed of one cache draw: depends on the case and draw only, so every rank and a resume agree."""
+    return (config.seed * 7_919 + case * 104_729 + draw * 1_299_709 + 17) % (2**31)
 
 
 def _check_backbone(config: TrainConfig, ckpt: dict, path: str) -> None:
@@ -201,6 +268,18 @@ def _read_lists(paths: Sequence[str], root: str) -> list[CaseEntry]:
     return entries
 
 
+def check_cache_config(config: TrainConfig) -> None:
+    """The feature cache is only sound where the encoder is frozen."""
+    if not config.cache_features:
+        return
+    if config.mode != "continual":
+        raise TrainingError("--cache_features needs --continual_tuning: full training changes the encoder")
+    if config.cache_draws < 1:
+        raise TrainingError(f"--cache_draws must be at least 1, got {config.cache_draws}")
+    if config.cache_dtype not in CACHE_DTYPES:
+        raise TrainingError(f"--cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {config.cache_dtype!r}")
+
+
 def training_cases(config: TrainConfig, trained: Sequence[int]) -> list[TrainingCase]:
     if not config.dataset_list:
         raise TrainingError("no --dataset_list given")
@@ -254,19 +333,25 @@ class Trainer:
             )
         self.model.to(context.device)
         self.trained = trained_class_indices(config)
+        check_cache_config(config)
         continual = config.mode == "continual"
         if continual:
             freeze_except_heads(self.model, [self.model.class_names[k] for k in self.trained])
             self.model.eval()  # frozen BatchNorm/Dropout state; ContBatchNorm still normalises per batch
         else:
             self.model.train()
-        step = HeadTrainingStep(self.model, self.trained, frozen_encoder=continual)
+        step: nn.Module
+        if config.cache_features:
+            step = CachedHeadStep(self.model, self.trained)
+        else:
+            step = HeadTrainingStep(self.model, self.trained, frozen_encoder=continual)
         if context.distributed:
             device_ids = [context.device.index] if context.device.type == "cuda" else None
             step = DistributedDataParallel(step, device_ids=device_ids)
         self.step_module = step
 
         self.cases = training_cases(config, self.trained)
+        self.supervised_classes = supervised_class_names(self.cases, resumed or _pretrain_checkpoint(config))
         self.pipeline = CTPipelineConfig(spacing=config.spacing)
         self.transforms = training_transforms(self.pipeline, config.roi_size, config.num_samples)
         self.dataset = cached_dataset(self.cases, self.transforms, config.spacing, config.cache_gb)
@@ -281,6 +366,9 @@ class Trainer:
             self._restore(resumed)
         self.val_entries = read_dataset_list(config.val_list, config.data_root, True) if config.val_list else []
         self._val_cache: dict[str, dict] = {}
+        self.feature_cache: dict[int, list[CachedCrops]] | None = None
+        self.cache_seconds = 0.0
+        self.validation_seconds = 0.0
         self.writer = self._tensorboard() if context.is_main else None
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -313,6 +401,7 @@ class Trainer:
             scaler=self.scaler.state_dict(), run_state=asdict(self.state), torch_rng=torch.get_rng_state(),
             train_config=self.config.to_dict(), mode=self.config.mode,
             trained_classes=[CLASS_NAMES[k] for k in self.trained],
+            supervised_classes=self.supervised_classes,
         )
 
     def _log(self, record: dict) -> None:
@@ -333,35 +422,90 @@ class Trainer:
         order = torch.randperm(len(self.cases), generator=generator).tolist()
         return shard(order, self.ctx)
 
-    def train_epoch(self, epoch: int) -> float:
-        """One pass over this rank's shard; returns the mean loss over all ranks."""
-        seed = _epoch_seed(self.config, epoch, self.ctx.rank)
-        seed_everything(seed)
+    def _image_batches(self, epoch: int, seed: int):
+        """(inputs, label, class mask) of this epoch's steps from freshly drawn crops of this rank's shard."""
         self.transforms.set_random_state(seed=seed)
         loader = DataLoader(
             Subset(self.dataset, self._epoch_indices(epoch)), batch_size=self.config.batch_size, shuffle=False,
             num_workers=self.config.num_workers, drop_last=True,
         )
-        values = torch.tensor([k + 1 for k in self.trained], device=self.ctx.device).view(1, -1, 1, 1, 1)
+        for batch in loader:
+            yield (torch.as_tensor(batch[IMAGE_KEY]),), batch[LABEL_KEY], batch[CLASS_MASK_KEY]
+
+    # -- feature cache (continual tuning with a frozen encoder) -----------------------------------
+
+    def _cached_cases(self) -> list[int]:
+        """This rank's fixed share of the cases (padded, so every rank takes the same number of steps)."""
+        return shard(range(len(self.cases)), self.ctx)
+
+    def build_feature_cache(self) -> dict[int, list[CachedCrops]]:
+        """Encode ``cache_draws`` seeded crop draws of each of this rank's cases once (idempotent)."""
+        if self.feature_cache is not None:
+            return self.feature_cache
+        started = time.perf_counter()
+        dtype = CACHE_DTYPES[self.config.cache_dtype]
+        cache: dict[int, list[CachedCrops]] = {}
+        cases = sorted(set(self._cached_cases()))
+        for case in tqdm(cases, desc="feature cache", disable=not self.ctx.is_main, leave=False, unit="case"):
+            cache[case] = [
+                encode_crops(self.model, draw_crops(self.dataset, self.transforms, case,
+                                                    _cache_seed(self.config, case, draw)),
+                             self.ctx.device, dtype, self.use_amp)
+                for draw in range(self.config.cache_draws)
+            ]
+        self.feature_cache = cache
+        self.cache_seconds = time.perf_counter() - started
+        megabytes = sum(c.nbytes for draws in cache.values() for c in draws) / 2**20
+        log.info("feature cache: %d crops of %d cases encoded once in %.1fs (%.0f MB, %s)",
+                 sum(c.label.shape[0] for draws in cache.values() for c in draws), len(cache), self.cache_seconds,
+                 megabytes, self.config.cache_dtype)
+        return cache
+
+    def _cached_batches(self, epoch: int):
+        """(inputs, label, class mask) of this epoch's steps from the cache: draw ``epoch % cache_draws``."""
+        cache = self.build_feature_cache()
+        mine = self._cached_cases()
+        generator = torch.Generator().manual_seed(_epoch_seed(self.config, epoch, self.ctx.rank))
+        order = [mine[i] for i in torch.randperm(len(mine), generator=generator).tolist()]
+        size = self.config.batch_size
+        for start in range(0, len(order) - size + 1, size):
+            crops = concat_crops([cache[case][epoch % self.config.cache_draws] for case in order[start:start + size]])
+            yield (crops.task_features, crops.head_input), crops.label, crops.class_mask
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _train_step(
+        self, inputs: Sequence[torch.Tensor], label: torch.Tensor, class_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One optimiser step on a batch (an image, or cached encoder outputs); returns the detached loss."""
+        device = self.ctx.device
+        values = torch.tensor([k + 1 for k in self.trained], device=device).view(1, -1, 1, 1, 1)
+        target = (torch.as_tensor(label).to(device) == values).float()
+        mask = torch.as_tensor(class_mask)[:, self.trained].to(device)
+        with torch.autocast(device.type, enabled=self.use_amp):
+            logits = self.step_module(*(x.to(device).float() for x in inputs))
+        loss = partial_dice_bce(logits, target, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over this rank's shard; returns the mean loss over all ranks."""
+        seed = _epoch_seed(self.config, epoch, self.ctx.rank)
+        seed_everything(seed)
+        batches = self._cached_batches(epoch) if self.config.cache_features else self._image_batches(epoch, seed)
         loss_sum, steps = torch.zeros(()), 0
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.max_epoch}", disable=not self.ctx.is_main,
-                        leave=False, unit="step")
-        for batch in progress:
-            image = torch.as_tensor(batch[IMAGE_KEY]).to(self.ctx.device)
-            target = (torch.as_tensor(batch[LABEL_KEY]).to(self.ctx.device) == values).float()
-            mask = batch[CLASS_MASK_KEY][:, self.trained].to(self.ctx.device)
-            with torch.autocast(self.ctx.device.type, enabled=self.use_amp):
-                logits = self.step_module(image)
-            loss = partial_dice_bce(logits, target, mask)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+        progress = tqdm(batches, desc=f"epoch {epoch + 1}/{self.config.max_epoch}", disable=not self.ctx.is_main,
+                        leave=False, unit="step", total=self.steps_per_epoch)
+        for inputs, label, class_mask in progress:
+            loss = self._train_step(inputs, label, class_mask)
             self.state.global_step += 1
             steps += 1
-            loss_sum += loss.detach().cpu()
-            self.state.samples += image.shape[0] * self.ctx.world_size
+            loss_sum += loss.cpu()
+            self.state.samples += inputs[0].shape[0] * self.ctx.world_size
             progress.set_postfix(loss=f"{loss.item():.4f}")
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(steps))]), self.ctx)
         return float(totals[0] / totals[1].clamp_min(1))
@@ -376,6 +520,13 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Mean Dice per class over the validation cases that annotate it (sharded, reduced over ranks)."""
+        started = time.perf_counter()
+        try:
+            return self._validate()
+        finally:
+            self.validation_seconds += time.perf_counter() - started
+
+    def _validate(self) -> dict[str, float]:
         sums, counts = torch.zeros(len(CLASS_NAMES)), torch.zeros(len(CLASS_NAMES))
         infer = InferenceConfig(roi_size=tuple(self.config.roi_size), overlap=self.config.val_overlap,
                                 device=str(self.ctx.device))
@@ -416,6 +567,8 @@ class Trainer:
                      [CLASS_NAMES[k] for k in self.trained] if config.mode == "continual" else "all",
                      self.ctx.world_size)
         wall_start, cpu_start = time.perf_counter(), time.process_time()
+        if config.cache_features:
+            self.build_feature_cache()
         for epoch in range(self.state.epoch, config.max_epoch):
             started = time.perf_counter()
             loss = self.train_epoch(epoch)
@@ -425,7 +578,9 @@ class Trainer:
                                       "samples": self.state.samples}
             last = self.state.epoch == config.max_epoch
             if self.val_entries and (self.state.epoch % config.val_every == 0 or last):
+                validation_started = self.validation_seconds
                 per_class = self.validate()
+                record["val_seconds"] = self.validation_seconds - validation_started
                 metric = self._selection_metric(per_class)
                 record.update({f"val_dice.{name}": value for name, value in per_class.items()})
                 record["val_metric"] = metric
@@ -454,6 +609,8 @@ class Trainer:
             "mode": config.mode, "epochs": self.state.epoch, "steps": self.state.global_step,
             "samples": self.state.samples, "wall_seconds": time.perf_counter() - wall_start,
             "process_cpu_seconds": float(timing[0]), "world_size": self.ctx.world_size,
+            "validation_seconds": self.validation_seconds, "cache_seconds": self.cache_seconds,
+            "cache_features": config.cache_features,
             "best_val_metric": self.state.best_metric, "trained_classes": [CLASS_NAMES[k] for k in self.trained],
             "final_checkpoint": str(self.run_dir / "checkpoints" / "last.pt"),
             "replica_digests": digests,
@@ -465,6 +622,24 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         return summary
+
+
+def _pretrain_checkpoint(config: TrainConfig) -> dict | None:
+    try:
+        return load_checkpoint(config.pretrain) if config.pretrain else None
+    except ValueError:  # a published backbone, not a revseg checkpoint
+        return None
+
+
+def supervised_class_names(cases: Sequence[TrainingCase], previous: dict | None) -> list[str]:
+    """Classes any training so far has supervised: the ones whose heads predict something meaningful.
+
+    Inference serves only these, so heads that never saw a label (e.g. tumours in a cohort without
+    them) cannot paint noise over the CT.
+    """
+    seen = {CLASS_NAMES[k] for case in cases for k in case.supervised}
+    seen |= set((previous or {}).get("supervised_classes", []))
+    return [name for name in CLASS_NAMES if name in seen]
 
 
 def _roles(cases: Sequence[TrainingCase]) -> str:

@@ -11,6 +11,9 @@ comes from torchrun). Examples::
     torchrun --standalone --nproc_per_node=2 train.py --backbone unet --continual_tuning \\
         --pretrain runs/round1/checkpoints/last.pt --dataset_list revised.txt --revised_classes aorta,postcava \\
         --replay_list data/phantom/train.txt --replay_fraction 0.1 --priorities priorities.csv
+
+    # the same, running the frozen encoder once per crop (4 crop draws per case) instead of every epoch
+    ... --continual_tuning ... --cache_features --cache_draws 4
 """
 
 from __future__ import annotations
@@ -78,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_gb", type=float, default=d.cache_gb, help="memory budget for cached volumes")
     p.add_argument("--no_amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--time_limit_minutes", type=float, default=None, help="stop after the epoch crossing this")
+    p.add_argument("--cache_features", action="store_true",
+                   help="continual only: run the frozen encoder once per cached crop, then train only the heads")
+    p.add_argument("--cache_draws", type=int, default=d.cache_draws,
+                   help="random crop draws per case kept in the feature cache (each draw = --num_samples crops)")
+    p.add_argument("--cache_dtype", default=d.cache_dtype, choices=("float16", "float32"),
+                   help="storage type of cached features")
     p.add_argument("--dist", type=_bool, default=False, help="accepted for seed compatibility; use torchrun")
     return p
 
@@ -98,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         width=args.width, embedding=args.embedding, store_every=args.store_num, val_every=args.val_every,
         seed=args.seed, device=args.device, num_workers=args.num_workers, cache_gb=args.cache_gb,
         amp=not args.no_amp, time_limit_minutes=args.time_limit_minutes,
+        cache_features=args.cache_features, cache_draws=args.cache_draws, cache_dtype=args.cache_dtype,
     )
 
 
