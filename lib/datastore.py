@@ -5,16 +5,23 @@
 - Every submitted label is kept, versioned, under ``label_history/<image>/<tag>_vNNNN.nii.gz`` with
   a JSON sidecar; the current label (what trains) is replaced atomically (temp file + rename), so a
   crash mid-upload leaves the old label or the new one, never a torn file.
+- ``datastore_v2.json`` (label infos, revision records) is replaced atomically too: MONAI Label rewrites it
+  in place, and a crash there left a file the datastore, and so the server, could never open again.
+- Opening the datastore finishes what a crash interrupted: temp files of unfinished writes are removed,
+  a history label archived without its sidecar gets one (the upload is kept, its version never reused),
+  and a label replaced just before the crash gets the info of the history version it holds.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
 import re
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,7 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 
-from lib.atomic import atomic_copy, atomic_write_text
+from lib.atomic import atomic_copy, atomic_write_text, remove_partials
 from lib.datalists import PairCheckError, check_pair
 from lib.trainers.revisions import revision_record
 from lib.volumes import read_volume
@@ -58,6 +65,74 @@ class RevisionDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, **kwargs: Any):
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
         super().__init__(datastore_path, **kwargs)
+        if not kwargs.get("read_only", False):
+            self._recover()
+        if hasattr(self, "_handler"):  # auto reload: our config writes are renames, not in-place modifications
+            self._handler.on_moved = self._on_move_event
+
+    # -- crash safety ------------------------------------------------------------------------
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """Write ``datastore_v2.json`` atomically (MONAI Label truncates and rewrites it in place)."""
+        text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+        with FileLock(self._lock_file) if lock else nullcontext():
+            atomic_write_text(self._datastore_config_path, text)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def _on_move_event(self, event: Any) -> None:
+        """Another process replaced the config file: reload it (what MONAI Label does on modification)."""
+        if os.fsdecode(event.dest_path) == self._datastore_config_path:
+            self._init_from_datastore_file()
+
+    def _recover(self) -> None:
+        """Finish what a crash interrupted: remove temp files of unfinished writes, commit archived labels
+        whose sidecar was not written yet, and re-point labels replaced just before their info was saved."""
+        root = Path(self._datastore_path)
+        with FileLock(self._lock_file):  # every writer holds it, so no temp file here is a live write
+            removed = [*remove_partials(root, recursive=False), *remove_partials(self._datastore.label_path(None)),
+                       *remove_partials(root / "label_history")]
+            committed = self._commit_unrecorded_versions()
+            repointed = self._repoint_replaced_labels()
+            if repointed:
+                self._update_datastore_file(lock=False)
+        if removed:
+            log.warning("removed %d temp file(s) of interrupted writes: %s", len(removed), [p.name for p in removed])
+        for path in committed:
+            log.warning("kept %s, archived just before a crash (its sidecar is written now)", path)
+        for image_id, tag, version in repointed:
+            log.warning("%s label of %s is history v%d (a crash came before its info was saved)", tag, image_id,
+                        version)
+
+    def _commit_unrecorded_versions(self) -> list[Path]:
+        """History labels a crash left without the sidecar that commits them: write it, so the upload is kept
+        and its version number is never reused for another label."""
+        committed = []
+        for label in sorted((Path(self._datastore_path) / "label_history").glob("*/*_v*.nii.gz")):
+            sidecar = label.with_name(label.name.removesuffix(".nii.gz") + ".json")
+            if not sidecar.exists():
+                version = int(sidecar.stem.split("_v")[-1])
+                record = {"version": version, "ts": label.stat().st_mtime,
+                          "recovered": "archived just before a crash; this sidecar was written when reopening"}
+                atomic_write_text(sidecar, json.dumps(record, indent=1))
+                committed.append(label)
+        return committed
+
+    def _repoint_replaced_labels(self) -> list[tuple[str, str, int]]:
+        """Labels whose file is a newer history version than their info records: the crash came between
+        replacing the file and saving its info. Give them that version's info; returns what changed."""
+        changed = []
+        for image_id, obj in self._datastore.objects.items():
+            for tag, label in obj.labels.items():
+                recorded = label.info.get("version")
+                if recorded is None or self._latest_version(image_id, tag) <= recorded:
+                    continue
+                current = Path(self._datastore.label_path(tag)) / self._filename(image_id, label.ext)
+                for version in reversed(self.label_history(image_id, tag)):
+                    if version["version"] > recorded and filecmp.cmp(version["path"], current, shallow=False):
+                        label.info = self._current_info(version, current.name)
+                        changed.append((image_id, tag, version["version"]))
+                        break
+        return changed
 
     # -- history -----------------------------------------------------------------------------
 
@@ -74,16 +149,27 @@ class RevisionDatastore(LocalDatastore):
             versions.append(info)
         return versions
 
-    def _archive(self, image_id: str, tag: str, label_file: str, info: dict[str, Any]) -> tuple[int, Path]:
+    def _latest_version(self, image_id: str, tag: str) -> int:
+        """The newest archived version number of (image, tag); 0 when none."""
+        return max((int(p.stem.split("_v")[-1]) for p in self.history_dir(image_id).glob(f"{tag}_v*.json")),
+                   default=0)
+
+    def _archive(self, image_id: str, tag: str, label_file: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Copy the label, then its sidecar (the sidecar commits the version); returns the sidecar's record."""
         folder = self.history_dir(image_id)
         folder.mkdir(parents=True, exist_ok=True)
-        existing = [int(p.stem.split("_v")[-1]) for p in folder.glob(f"{tag}_v*.json")]
-        version = max(existing, default=0) + 1
+        version = self._latest_version(image_id, tag) + 1
         target = folder / f"{tag}_v{version:04d}.nii.gz"
         atomic_copy(label_file, target)
-        sidecar = folder / f"{tag}_v{version:04d}.json"
-        atomic_write_text(sidecar, json.dumps({"version": version, **info}, indent=1, default=str))
-        return version, target
+        record = {**info, "version": version}
+        atomic_write_text(folder / f"{tag}_v{version:04d}.json", json.dumps(record, indent=1, default=str))
+        return record | {"path": str(target)}
+
+    @staticmethod
+    def _current_info(version: dict[str, Any], name: str) -> dict[str, Any]:
+        """The datastore info of a current label that holds the history ``version`` (a label_history entry)."""
+        info = {k: v for k, v in version.items() if k != "path"}
+        return info | {"ts": int(info.get("ts", time.time())), "name": name, "history": version["path"]}
 
     # -- uploads -----------------------------------------------------------------------------
 
@@ -111,15 +197,13 @@ class RevisionDatastore(LocalDatastore):
         check_identifier(label_tag, "label tag")
         self.check_label_upload(image_id, label_filename, allow_empty=label_tag != DefaultLabelTag.FINAL.value)
         obj = self._datastore.objects[image_id]
-        info = dict(label_info or {})
         with FileLock(self._lock_file):
-            version, archived = self._archive(image_id, label_tag, label_filename, info | {"ts": time.time()})
+            version = self._archive(image_id, label_tag, label_filename, dict(label_info or {}) | {"ts": time.time()})
             name = self._filename(image_id, ".nii.gz")
-            atomic_copy(archived, Path(self._datastore.label_path(label_tag)) / name)
-            info.update({"ts": int(time.time()), "name": name, "version": version, "history": str(archived)})
-            obj.labels[label_tag] = DataModel(info=info, ext=".nii.gz")
+            atomic_copy(version["path"], Path(self._datastore.label_path(label_tag)) / name)
+            obj.labels[label_tag] = DataModel(info=self._current_info(version, name), ext=".nii.gz")
             self._update_datastore_file(lock=False)
-        log.info("saved %s label v%d for %s", label_tag, version, image_id)
+        log.info("saved %s label v%d for %s", label_tag, version["version"], image_id)
         return image_id
 
     # -- revisions ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ ground truth; every file and manifest written here says so.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from lib.atomic import sha256_of
 from lib.classes import (
     CLASS_NAMES,
     covered_classes,
@@ -74,14 +74,6 @@ PAIRS = (
 
 class ChecksumError(RuntimeError):
     """A downloaded or extracted file does not match its pinned sha256."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _verify(path: Path, expected: str) -> None:

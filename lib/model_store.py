@@ -7,21 +7,29 @@ Layout under the store root::
     <backbone>/history/round_NNNN.pt every model ever published
 
 Inference reloads when model.pt's mtime changes, so a new round is live without a restart.
+
+A publish is write-ahead: the round is archived, model.pt's new content is written to a temp file, then
+published.json (with the model's sha256) is replaced, which commits the round, then model.pt is renamed
+into place. A crash between the last two renames leaves published.json one round ahead of model.pt;
+opening the store (every server start and training round does) rolls model.pt forward from the archive.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lib.atomic import atomic_copy, atomic_write_text
+from filelock import FileLock
+
+from lib.atomic import atomic_copy, atomic_write_text, fsync, sha256_of, staged
 from model.checkpoint import build_model_from_checkpoint
-from model.universal import UniversalModel, canonical_backbone
+from model.universal import BACKBONES, UniversalModel, canonical_backbone
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +44,8 @@ class ModelStore:
         self.root = Path(root)
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
         self._lock = threading.Lock()
+        for backbone in BACKBONES:
+            self.recover(backbone)
 
     def path(self, backbone: str) -> Path:
         return self.root / canonical_backbone(backbone) / "model.pt"
@@ -47,20 +57,60 @@ class ModelStore:
         meta = self.path(backbone).with_name("published.json")
         return json.loads(meta.read_text()) if meta.is_file() else {}
 
+    def _publish_lock(self, backbone: str) -> FileLock:
+        """Held by every process while it publishes or recovers ``backbone``."""
+        folder = self.path(backbone).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / ".publish.lock"))
+
+    def _archived(self, backbone: str, round_number: int) -> Path:
+        return self.path(backbone).parent / "history" / f"round_{round_number:04d}.pt"
+
     def publish(self, backbone: str, checkpoint: str | Path, details: dict[str, Any] | None = None) -> Path:
-        """Archive ``checkpoint`` as the next round and make it the served model, atomically."""
+        """Archive ``checkpoint`` as the next round and make it the served model (write-ahead, see above)."""
         target = self.path(backbone)
-        history = target.parent / "history"
-        history.mkdir(parents=True, exist_ok=True)
-        round_number = int(self.info(backbone).get("round", 0)) + 1
-        archived = history / f"round_{round_number:04d}.pt"
-        atomic_copy(Path(checkpoint), archived)
-        atomic_copy(archived, target)
-        record = {"round": round_number, "published_at": time.time(), "source": str(checkpoint),
-                  "archived": str(archived), **(details or {})}
-        atomic_write_text(target.with_name("published.json"), json.dumps(record, indent=1, default=str))
+        with self._publish_lock(backbone):
+            self._recover(backbone)
+            round_number = int(self.info(backbone).get("round", 0)) + 1
+            archived = atomic_copy(Path(checkpoint), self._archived(backbone, round_number))
+            record = {**(details or {}), "round": round_number, "published_at": time.time(),
+                      "source": str(checkpoint), "archived": str(archived), "sha256": sha256_of(archived)}
+            with staged(target) as out, open(archived, "rb") as source:
+                shutil.copyfileobj(source, out)
+                fsync(out)  # the new model is on disk before the record that commits it
+                atomic_write_text(target.with_name("published.json"), json.dumps(record, indent=1, default=str))
         log.info("published %s round %d from %s", backbone, round_number, checkpoint)
         return target
+
+    def recover(self, backbone: str) -> bool:
+        """Finish a publish a crash interrupted: make model.pt the round published.json commits.
+
+        Returns whether anything was repaired. Cheap when nothing is wrong (one hash of model.pt).
+        """
+        if not self._needs_recovery(backbone):
+            return False
+        with self._publish_lock(backbone):
+            return self._recover(backbone)
+
+    def _needs_recovery(self, backbone: str) -> bool:
+        digest = self.info(backbone).get("sha256")
+        target = self.path(backbone)
+        return bool(digest) and (not target.is_file() or sha256_of(target) != digest)
+
+    def _recover(self, backbone: str) -> bool:
+        """``recover`` with the publish lock held."""
+        if not self._needs_recovery(backbone):
+            return False
+        record = self.info(backbone)
+        archived = self._archived(backbone, int(record["round"]))
+        if not archived.is_file() or sha256_of(archived) != record["sha256"]:
+            log.error("%s: published.json names round %s but its archive %s is missing or differs; not touching "
+                      "model.pt", backbone, record["round"], archived)
+            return False
+        atomic_copy(archived, self.path(backbone))
+        log.warning("%s: a publish was interrupted; model.pt is now round %s, as published.json says",
+                    backbone, record["round"])
+        return True
 
     def model(self, backbone: str, device: str = "cpu") -> UniversalModel:
         """The published model in eval mode on ``device``, reloaded when a new round is published."""

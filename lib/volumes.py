@@ -69,7 +69,9 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         else:
             data = np.asarray(nib.load(str(path)).dataobj)
     except Exception as error:
-        raise VolumeReadError(f"{path}: voxel data cannot be read ({type(error).__name__}: {error})") from error
+        raise VolumeReadError(
+            f"{path}: not a readable NIfTI/NRRD volume: its voxel data is damaged ({type(error).__name__}: {error})"
+        ) from error
     if tuple(data.shape) != shape:
         raise VolumeReadError(f"{path}: data shape {data.shape} does not match header {shape}")
     return data, affine

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per process: the suite runs servers, torchrun ranks and training side by side on 2 cores,
+# and oversubscribed OpenMP threads spin-wait (measured: a training step 2.3x slower with 2 threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from lib.example_ct import example_case
 from lib.phantom import PhantomConfig, build_cohort
@@ -30,3 +32,16 @@ def tiny_cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_cohort")
     build_cohort(out, PhantomConfig(num_cases=6, seed=7, spacing=(6.0, 6.0, 6.0)))
     return out
+
+
+@pytest.fixture(scope="session")
+def round1_checkpoint(tiny_cohort: Path, tmp_path_factory) -> Path:
+    """A tiny round-1 model (3 epochs of full training on the phantom cohort), for the server tests to publish."""
+    from lib.trainers.train import main as train_main
+
+    run_dir = tmp_path_factory.mktemp("round1")
+    assert train_main(["--data_root_path", str(tiny_cohort), "--dataset_list", str(tiny_cohort / "train_gt.txt"),
+                       "--run_dir", str(run_dir), "--width", "0.25", "--roi_x", "32", "--roi_y", "32",
+                       "--roi_z", "32", "--space_x", "6", "--space_y", "6", "--space_z", "6", "--num_samples", "1",
+                       "--max_epoch", "3", "--warmup_epoch", "1", "--lr", "3e-3", "--device", "cpu"]) == 0
+    return run_dir / "checkpoints" / "last.pt"

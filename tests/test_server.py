@@ -10,10 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.request import Request, urlopen
@@ -25,19 +21,11 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from lib.classes import class_index
-from lib.model_store import ModelStore
-from lib.paths import REPO_ROOT
-from lib.trainers.train import main as train_main
+from tests.live_server import prepare_site
 
 REVISED = ("aorta", "postcava")
 CONF = {"models": "unet", "roi_size": "64", "spacing": "6", "overlap": "0", "train_epochs": "2",
         "train_processes": "2", "device": "cpu"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _sha(path: Path) -> str:
@@ -45,44 +33,12 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_cohort: Path, tmp_path_factory):
+def server(tiny_cohort: Path, round1_checkpoint: Path, tmp_path_factory):
     """A published round-1 model, a studies folder of phantom CTs, and a live server."""
     root = tmp_path_factory.mktemp("server")
-    studies = root / "studies"
-    studies.mkdir()
-    for image in sorted((tiny_cohort / "images").glob("*.nii.gz"))[:3]:
-        shutil.copy(image, studies / image.name)
-    assert train_main(["--data_root_path", str(tiny_cohort), "--dataset_list", str(tiny_cohort / "train_gt.txt"),
-                       "--run_dir", str(root / "round1"), "--width", "0.25", "--roi_x", "32", "--roi_y", "32",
-                       "--roi_z", "32", "--space_x", "6", "--space_y", "6", "--space_z", "6", "--num_samples", "1",
-                       "--max_epoch", "3", "--warmup_epoch", "1", "--lr", "3e-3", "--device", "cpu"]) == 0
-    ModelStore(root / "models").publish("unet", root / "round1" / "checkpoints" / "last.pt", {"mode": "full"})
-
-    port = _free_port()
-    conf = {**CONF, "model_dir": str(root / "models"), "runs_dir": str(root / "runs")}
-    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(REPO_ROOT / "apps" / "revseg"),
-           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in conf.items():
-        cmd += ["--conf", key, value]
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    process = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(root / "client"))
-    deadline = time.time() + 180
-    while True:
-        try:
-            client.info()
-            break
-        except Exception:
-            if process.poll() is not None or time.time() > deadline:
-                log.close()
-                pytest.fail(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-    yield {"client": client, "studies": studies, "root": root, "cohort": tiny_cohort, "port": port}
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    images = sorted((tiny_cohort / "images").glob("*.nii.gz"))[:3]
+    with prepare_site(root, images, round1_checkpoint, CONF) as live:
+        yield {"client": live.client, "studies": live.studies, "root": root, "cohort": tiny_cohort, "port": live.port}
 
 
 def _label(path: str) -> np.ndarray:
@@ -132,6 +88,7 @@ def test_slicer_sequence(server, tmp_path: Path):
     assert set(label_info["revision"]["changes"]) == set(REVISED)
 
     client.train_start("unet", {"max_epochs": 2, "lr": 0.05})
+    _wait_until_running(client)  # MONAI Label registers the task from a background thread
     with pytest.raises(MONAILabelClientException, match="Already Running"):
         client.train_start("unet", {"max_epochs": 2})
     _wait_for_training(client)
@@ -159,6 +116,17 @@ def _post(server, path: str) -> str:
                       headers={"Content-Type": "application/json"})
     with urlopen(request) as response:
         return response.read().decode()
+
+
+def _wait_until_running(client: MONAILabelClient, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            client.train_status(check_if_running=True)
+            return
+        except MONAILabelClientException:
+            time.sleep(0.05)
+    pytest.fail("training never started")
 
 
 def _wait_for_training(client: MONAILabelClient, timeout: float = 300) -> None:
@@ -200,3 +168,98 @@ def test_bad_uploads_are_refused_and_nothing_changes(server, tmp_path: Path, kin
         in message
     assert client.info()["name"] == "revseg", "the server keeps serving"
     assert (_sha(final), sorted(os.listdir(studies / "label_history" / image_id))) == before
+
+
+def _status(server, method: str, path: str, **kwargs) -> tuple[int, dict]:
+    """HTTP status and JSON body of one request, whatever the status."""
+    from urllib.error import HTTPError
+
+    request = Request(f"http://127.0.0.1:{server['port']}{path}", method=method, **kwargs)
+    try:
+        with urlopen(request) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def _multipart(field: str, filename: str, payload: bytes, params: str | None = None) -> dict:
+    boundary = "revsegboundary"
+    parts = []
+    if params is not None:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{params}\r\n'.encode())
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + payload + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return {"data": b"".join(parts), "headers": {"Content-Type": f"multipart/form-data; boundary={boundary}"}}
+
+
+def _nifti_bytes(data: np.ndarray, affine: np.ndarray, tmp_path: Path) -> bytes:
+    path = tmp_path / f"v{np.random.randint(1 << 30)}.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path.read_bytes()
+
+
+def test_bad_requests_get_4xx_with_a_message(server, tmp_path: Path):
+    studies: Path = server["studies"]
+    image_id = sorted(p.name.removesuffix(".nii.gz") for p in studies.glob("case_*.nii.gz"))[0]
+    reference = nib.load(str(studies / f"{image_id}.nii.gz"))
+    shape, affine = reference.shape, reference.affine
+    labels_before = {p: _sha(p) for p in (studies / "labels").rglob("*.nii.gz")}
+    truncated = (studies / f"{image_id}.nii.gz").read_bytes()[:2000]
+    nan = np.zeros(shape, np.float32)
+    nan[0, 0, 0] = np.nan
+    cases = {
+        "truncated label": ("PUT", f"/datastore/label?image={image_id}&tag=final",
+                            _multipart("label", "x.nii.gz", truncated), 422, "not a readable"),
+        "4D label": ("PUT", f"/datastore/label?image={image_id}&tag=final",
+                     _multipart("label", "x.nii.gz", _nifti_bytes(np.ones((*shape, 2), np.uint8), affine, tmp_path)),
+                     422, "3D"),
+        "affine mismatch": ("PUT", f"/datastore/label?image={image_id}&tag=final",
+                            _multipart("label", "x.nii.gz", _nifti_bytes(np.ones(shape, np.uint8), affine * 2,
+                                                                          tmp_path)), 422, "affine differs"),
+        "NaN label": ("PUT", f"/datastore/label?image={image_id}&tag=final",
+                      _multipart("label", "x.nii.gz", _nifti_bytes(nan, affine, tmp_path)), 422, "NaN"),
+        "empty label": ("PUT", f"/datastore/label?image={image_id}&tag=final",
+                        _multipart("label", "x.nii.gz", _nifti_bytes(np.zeros(shape, np.uint8), affine, tmp_path)),
+                        422, "empty"),
+        "unknown image": ("PUT", "/datastore/label?image=no_such_case&tag=final",
+                          _multipart("label", "x.nii.gz", _nifti_bytes(np.ones(shape, np.uint8), affine, tmp_path)),
+                          404, "no_such_case"),
+        "traversal id": ("POST", "/infer/unet?image=..%2F..%2Fetc%2Fpasswd&output=json", {}, 422, "invalid image id"),
+        "absolute id": ("POST", "/infer/unet?image=%2Fetc%2Fpasswd&output=json", {}, 422, "invalid image id"),
+        "unknown model": ("POST", f"/infer/nonexistent?image={image_id}&output=json", {}, 404, "nonexistent"),
+        "unknown strategy": ("POST", "/activelearning/nonexistent", {"data": b"{}", "headers":
+                             {"Content-Type": "application/json"}}, 404, "nonexistent"),
+        "malformed params": ("POST", f"/infer/unet?image={image_id}&output=json",
+                             _multipart("file", "x.nii.gz", b"", params="{not json"), 400, "malformed JSON"),
+        "NaN image": ("POST", "/infer/unet?output=json",
+                      _multipart("file", "scan.nii.gz", _nifti_bytes(nan, affine, tmp_path)), 422, "NaN"),
+        "non-image upload": ("POST", "/infer/unet?output=json", _multipart("file", "scan.nii.gz", b"hello"), 422,
+                             "not a readable"),
+    }
+    for name, (method, path, kwargs, expected, message) in cases.items():
+        status, body = _status(server, method, path, **kwargs)
+        assert status == expected, f"{name}: {status} {body}"
+        assert message in body.get("detail", ""), f"{name}: {body}"
+    assert _status(server, "GET", "/info/")[0] == 200, "the server keeps serving"
+    assert {p: _sha(p) for p in (studies / "labels").rglob("*.nii.gz")} == labels_before, "nothing saved changed"
+
+
+def test_parallel_inference_and_submissions(server, tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client: MONAILabelClient = server["client"]
+    studies: Path = server["studies"]
+    images = sorted(p.name.removesuffix(".nii.gz") for p in studies.glob("case_*.nii.gz"))
+    files = {}
+    for image_id in images:
+        reference = nib.load(str(studies / f"{image_id}.nii.gz"))
+        files[image_id] = tmp_path / f"{image_id}.nii.gz"
+        nib.save(nib.Nifti1Image(np.full(reference.shape, 2, np.uint8), reference.affine), str(files[image_id]))
+    with ThreadPoolExecutor(max_workers=2 * len(images)) as pool:
+        infers = [pool.submit(client.infer, "unet", i, {}) for i in images]
+        saves = [pool.submit(client.save_label, i, str(files[i]), "final") for i in images]
+        assert all(f.result()[1]["model"] == "unet" for f in infers)
+        assert all(f.result()["image"] in images for f in saves)
+    for image_id in images:
+        assert _sha(studies / "labels" / "final" / f"{image_id}.nii.gz") == _sha(files[image_id])

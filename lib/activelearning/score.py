@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +48,11 @@ from lib.activelearning.attention import (
     class_ranking,
 )
 from lib.activelearning.priorities import write_priority_rows
+from lib.atomic import atomic_write_text
 from lib.classes import CLASS_NAMES, NUM_CLASSES, SEED_REVISED_CLASSES, UnknownClassError, parse_class_list
 from lib.datalists import CaseEntry, DatasetListError, read_dataset_list, strip_volume_suffix
 from lib.inference import InferenceConfig, sliding_window_probabilities, universal_label_map
-from lib.trainers.distributed import barrier, gather_objects, init_distributed, shard, shutdown
+from lib.trainers.distributed import barrier, configure_logging, gather_objects, init_distributed, shard, shutdown
 from lib.transforms import (
     IMAGE_KEY,
     PRED_KEY,
@@ -307,14 +306,7 @@ class ScoringSetup:
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic JSON write: a record either exists whole or not at all, which is what resume relies on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def record_path(out_dir: Path, case_id: str) -> Path:
@@ -509,9 +501,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    configure_logging()
     try:
         return run(args)
     except (DatasetListError, UnknownClassError, FileNotFoundError, ValueError) as error:

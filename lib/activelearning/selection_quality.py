@@ -14,7 +14,9 @@ For each, the table gives the Spearman correlation of priority with true error a
 cohort's total error held by its top 5 % and top 10 % of cases (by count, at least one case).
 
 Without ``--checkpoints`` it builds a training and a separate held-out phantom cohort and trains a tiny
-U-Net and Swin UNETR with the training CLI (a CPU-sized default run takes about 10-15 minutes on 2 cores)::
+U-Net and Swin UNETR with the training CLI. The default run took 13.5 minutes on 2 shared CPU cores with
+``OMP_NUM_THREADS=1`` (one thread is much faster than two when the cores are shared; on a loaded machine it
+took 18.5); ``--unet_epochs``/``--swin_epochs``/``--eval_cases`` trade time for model quality::
 
     python -m lib.activelearning.selection_quality --out_dir runs/selection_quality
     python -m lib.activelearning.selection_quality --out_dir runs/sq --checkpoints unet.pt swin.pt \\

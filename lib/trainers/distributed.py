@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,3 +99,11 @@ def state_digest(module: torch.nn.Module) -> str:
 def barrier(context: DistContext) -> None:
     if context.distributed:
         dist.barrier()
+
+
+def configure_logging() -> int:
+    """Rank-aware logging for torchrun commands: INFO on rank 0, warnings only elsewhere; returns the rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    return rank

@@ -14,6 +14,7 @@ timed run, so its cost is part of the wall time a run reports.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, MetaTensor
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
@@ -187,16 +188,21 @@ class CachedCrops:
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+def plain_tensor(value: Any) -> torch.Tensor:
+    """A plain tensor: MONAI's MetaTensor tracks metadata through every op, which slows a network pass ~1.5x."""
+    return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+
+
 def encode_crops(model: UniversalModel, batch: dict, device: torch.device, dtype: torch.dtype,
                  use_amp: bool) -> CachedCrops:
     """Run the frozen encoder once on a collated crop batch and keep its outputs (not the image)."""
-    image = torch.as_tensor(batch[IMAGE_KEY]).to(device)
+    image = plain_tensor(batch[IMAGE_KEY]).to(device)
     with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
         task_features, head_input = model.encode(image)
     return CachedCrops(
         task_features=task_features.to("cpu", dtype), head_input=head_input.to("cpu", dtype),
-        label=torch.as_tensor(batch[LABEL_KEY]).to(torch.uint8).cpu(),
-        class_mask=torch.as_tensor(batch[CLASS_MASK_KEY]).bool().cpu(),
+        label=plain_tensor(batch[LABEL_KEY]).to(torch.uint8).cpu(),
+        class_mask=plain_tensor(batch[CLASS_MASK_KEY]).bool().cpu(),
     )
 
 
@@ -430,7 +436,7 @@ class Trainer:
             num_workers=self.config.num_workers, drop_last=True,
         )
         for batch in loader:
-            yield (torch.as_tensor(batch[IMAGE_KEY]),), batch[LABEL_KEY], batch[CLASS_MASK_KEY]
+            yield (plain_tensor(batch[IMAGE_KEY]),), plain_tensor(batch[LABEL_KEY]), batch[CLASS_MASK_KEY]
 
     # -- feature cache (continual tuning with a frozen encoder) -----------------------------------
 
@@ -480,7 +486,7 @@ class Trainer:
         """One optimiser step on a batch (an image, or cached encoder outputs); returns the detached loss."""
         device = self.ctx.device
         values = torch.tensor([k + 1 for k in self.trained], device=device).view(1, -1, 1, 1, 1)
-        target = (torch.as_tensor(label).to(device) == values).float()
+        target = (label.to(device) == values).float()
         mask = torch.as_tensor(class_mask)[:, self.trained].to(device)
         with torch.autocast(device.type, enabled=self.use_amp):
             logits = self.step_module(*(x.to(device).float() for x in inputs))
@@ -654,7 +660,13 @@ def run_training(config: TrainConfig, resume: str | None = None) -> dict:
     if config.mode not in MODES:
         raise TrainingError(f"mode must be one of {MODES}, got {config.mode!r}")
     context = init_distributed(config.device)
+    trainer = None
     try:
-        return Trainer(config, context, resume).run()
+        trainer = Trainer(config, context, resume)
+        return trainer.run()
     finally:
+        # DDP's reducer holds the process group: release it first, so destroy_process_group tears gloo's
+        # threads down now rather than during interpreter shutdown, where gloo can abort the process.
+        del trainer
+        gc.collect()
         shutdown(context)

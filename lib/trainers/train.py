@@ -19,14 +19,13 @@ comes from torchrun). Examples::
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 from lib.classes import UnknownClassError
 from lib.datalists import DatasetListError
 from lib.paths import runs_dir
+from lib.trainers.distributed import configure_logging
 from lib.trainers.engine import TrainConfig, TrainingError, run_training
 from model.checkpoint import load_checkpoint
 
@@ -75,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", default=None, help="fixed class embedding file (e.g. txt_encoding.pth)")
     p.add_argument("--store_num", type=int, default=d.store_every, help="checkpoint every N epochs")
     p.add_argument("--val_every", type=int, default=d.val_every)
+    p.add_argument("--val_overlap", type=float, default=d.val_overlap, help="sliding-window overlap in validation")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--num_workers", type=int, default=d.num_workers)
@@ -105,6 +105,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         num_samples=args.num_samples, lr=args.lr, weight_decay=args.weight_decay,
         roi_size=(args.roi_x, args.roi_y, args.roi_z), spacing=(args.space_x, args.space_y, args.space_z),
         width=args.width, embedding=args.embedding, store_every=args.store_num, val_every=args.val_every,
+        val_overlap=args.val_overlap,
         seed=args.seed, device=args.device, num_workers=args.num_workers, cache_gb=args.cache_gb,
         amp=not args.no_amp, time_limit_minutes=args.time_limit_minutes,
         cache_features=args.cache_features, cache_draws=args.cache_draws, cache_dtype=args.cache_dtype,
@@ -113,9 +114,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    configure_logging()
     try:
         if args.resume:
             # The run's own config continues it exactly; only where it runs may change.

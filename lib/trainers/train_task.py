@@ -6,9 +6,12 @@ instead gives one code path for CPU (gloo) and GPU (NCCL) alike.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +40,13 @@ log = logging.getLogger(__name__)
 PRETRAINED_DIR = REPO_ROOT / "pretrained_checkpoints"
 PUBLISHED_NAMES = {"unet": "unet.pth", "swin_unetr": "swinunetr.pth"}
 ATTENTION_INFO_KEY = "attention"
+
+
+def _die_with_parent() -> None:
+    """Linux: torchrun gets SIGTERM when the train task dies (e.g. the server is killed), so no orphan
+    round keeps running and publishing after the server is gone."""
+    with contextlib.suppress(OSError):  # not Linux: no parent-death signal, nothing else changes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class TrainingBusy(RuntimeError):
@@ -90,7 +100,7 @@ class RevisionTrainTask(TrainTask):
 
     def _train(self, request: dict[str, Any], datastore: RevisionDatastore) -> dict[str, Any]:
         mode = self._mode(request)
-        run_dir = self.app_config.runs / self.backbone / f"{time.strftime('%Y%m%d-%H%M%S')}-{mode}"
+        run_dir = self.app_config.runs / self.backbone / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{mode}"
         run_dir.mkdir(parents=True, exist_ok=True)
         args, details = (self._continual_args if mode == "continual" else self._full_args)(request, datastore, run_dir)
         epochs = int(request.get("max_epochs", self.app_config.train_epochs))
@@ -185,7 +195,7 @@ class RevisionTrainTask(TrainTask):
         log.info("launching: %s", " ".join(cmd))
         with open(run_dir / "train.log", "w") as output:
             process = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True)
+                                       text=True, preexec_fn=_die_with_parent)
             for line in process.stdout or []:  # tee: the run folder keeps the log, MONAI Label shows progress
                 output.write(line)
                 sys.stdout.write(line)
