@@ -267,7 +267,8 @@ def header_section(results: ExperimentResults) -> str:
         f"- device: {record['device']}; training and scoring: {record['launcher']}; torch {record['torch']}",
         f"- backbone {config['backbone']} at width {config['width']}, {config['spacing_mm']:g} mm, "
         f"ROI {config['roi']}^3, {config['num_samples']} crop(s) per case per step",
-        f"- phantom cohort of {config['num_cases']} cases (seed {config['cohort_seed']}); "
+        f"- phantom cohort of {config['num_cases']} cases made at {config['cohort_spacing_mm']:g} mm "
+        f"(seed {config['cohort_seed']}); "
         f"round 1: {config['round1_epochs']} epochs; round 2: continual {config['continual_epochs']} epochs "
         f"(lr {config['continual_lr']:g}), full {config['full_epochs']} epochs from scratch (lr {config['lr']:g})",
         f"- revised classes: {', '.join(record['target_classes'])}",
@@ -275,6 +276,15 @@ def header_section(results: ExperimentResults) -> str:
         f"{', '.join(record['revised_cases'])}; replay fraction {config['replay_fraction']:g}; "
         f"feature cache: {config['cache_draws']} crop draws per case",
     ])
+
+
+def revisions_section(results: ExperimentResults) -> str:
+    """What the simulated expert changed: per revised case and class, voxels changed and the AI label's Dice."""
+    records = json.loads((results.out / "revisions.json").read_text())
+    rows = [(case, name, change["added"], change["removed"], f"{change['dice_ai_vs_expert']:.4f}")
+            for case, record in records.items() for name, change in record["changes"].items()]
+    return ("## Expert revisions (simulated: ground truth for the revised classes)\n\n"
+            + markdown_table(("case", "class", "voxels added", "voxels removed", "Dice of the AI label"), rows))
 
 
 def commands_section(results: ExperimentResults) -> str:
@@ -291,13 +301,15 @@ def notes_section() -> str:
         "- Continual tuning freezes every head but the revised classes', so unrevised classes' probability maps",
         "  (and hence their per-class masks and Dice) cannot change; the unrevised target checks that on real files.",
         "- Wall times are measured inside the training loop (summary.json); the stage table adds start-up costs.",
+        "- A class absent from a test case scores Dice 1 when it is also predicted absent, 0 when it is predicted",
+        "  (lib.metrics); such classes show the same value for every run.",
     ])
 
 
 def build_markdown(results: ExperimentResults) -> str:
     sections = [
         header_section(results), targets_section(results), group_section(results), per_class_section(results),
-        cost_section(results), stage_section(results),
+        cost_section(results), stage_section(results), revisions_section(results),
         f"## Plots\n\n![learning curves]({LEARNING_CURVES_PNG})\n\n![per-class Dice]({PER_CLASS_PNG})",
         commands_section(results), notes_section(),
     ]
@@ -324,6 +336,11 @@ def curve_points(records: Sequence[Mapping[str, Any]], classes: Sequence[str], e
     return epochs, seconds, dice
 
 
+def logged_training_seconds(records: Sequence[Mapping[str, Any]]) -> float:
+    """Seconds of the logged epochs without their validation: where a continuation starts on the time axis."""
+    return sum(float(r["epoch_seconds"]) - float(r.get("val_seconds", 0.0)) for r in records)
+
+
 def validated_classes(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     found = {key.removeprefix("val_dice.") for records in logs.values() for r in records for key in r
              if key.startswith("val_dice.")}
@@ -341,12 +358,15 @@ def plot_learning_curves(results: ExperimentResults, path: Path) -> Path:
               "unrevised classes": [c for c in classes if c not in targets]}
     round1 = results.logs["round1"]
     offsets = {"round1": (0.0, 0.0), "full": (0.0, 0.0)}
-    continued = (float(round1[-1]["epoch"]) if round1 else 0.0, results.costs["round1"].training_seconds)
+    continued = (float(round1[-1]["epoch"]) if round1 else 0.0, logged_training_seconds(round1))
     offsets |= {run: continued for run in CONTINUAL_RUNS}
     figure, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
     for row, (group, names) in enumerate(groups.items()):
+        start = curve_points(round1, names, 0.0, 0.0)
         for run in results.runs:
             epochs, seconds, dice = curve_points(results.logs[run], names, *offsets[run])
+            if run in CONTINUAL_RUNS and start[0]:  # continual tuning starts where round 1 ended
+                epochs, seconds, dice = ([start[i][-1], *values] for i, values in enumerate((epochs, seconds, dice)))
             style = {"marker": "o", "markersize": 3, "label": RUN_LABELS[run]}
             axes[row][0].plot(epochs, dice, **style)
             axes[row][1].plot(seconds, dice, **style)
@@ -354,8 +374,6 @@ def plot_learning_curves(results: ExperimentResults, path: Path) -> Path:
             axes[row][col].set(title=f"validation Dice, {group} ({len(names)})", xlabel=xlabel, ylabel="mean Dice")
             axes[row][col].grid(alpha=0.3)
             axes[row][col].legend(fontsize=8)
-    axes[0][1].set_xscale("symlog")
-    axes[1][1].set_xscale("symlog")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -367,7 +385,7 @@ def plot_per_class(results: ExperimentResults, path: Path) -> Path:
     names = [*results.revised, *results.unrevised]
     runs = results.runs
     width = 0.8 / len(runs)
-    figure, axis = plt.subplots(figsize=(max(8.0, 0.55 * len(names) * len(runs) / 2), 5))
+    figure, axis = plt.subplots(figsize=(max(8.0, 0.5 * len(names)), 5))
     for k, run in enumerate(runs):
         positions = [i + (k - (len(runs) - 1) / 2) * width for i in range(len(names))]
         axis.bar(positions, [results.scores[run].get(n, (0.0, 0.0))[0] for n in names], width, label=RUN_LABELS[run])

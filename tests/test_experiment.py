@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lib.activelearning.priorities import read_priorities
+from lib.benchmark import main as benchmark_main
 from lib.classes import CLASS_NAMES, SEED_REVISED_CLASSES, class_indices
 from lib.datalists import read_dataset_list
 from lib.experiment import RUNS, expert_revision
@@ -185,3 +186,21 @@ def test_expert_revision_only_touches_revised_classes():
     revised = expert_revision(ai, truth, class_indices(["gallbladder", "aorta"]))
     assert revised.tolist() == [0, 4, 4, 8, 6, 1, 0]
     assert expert_revision(ai, truth, class_indices(["gallbladder"])).tolist() == [0, 4, 4, 0, 6, 1, 8]
+
+
+def test_benchmark_quick_smoke(tiny: Path, tmp_path: Path, capsys):
+    """Every figure of the benchmark at toy sizes; round-2 ratios come from the tiny experiment's runs."""
+    out = tmp_path / "bench.json"
+    assert benchmark_main(["--quick", "--device", "cpu", "--width", "0.25", "--roi", "64", "--spacings", "8",
+                           "--size_spacings", "12,8", "--case", "example_ct_sm", "--demo", str(tiny),
+                           "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "device: CPU" in printed and "with overrides" in printed
+    figures = json.loads(out.read_text())
+    assert {(m["backbone"], m["spacing_mm"]) for m in figures["latency"]} == {("unet", 8.0), ("swin_unetr", 8.0)}
+    assert all(m["seconds"] > 0 and m["windows"] >= 1 for m in figures["latency"] + figures["sizes"])
+    assert [m["spacing_mm"] for m in figures["sizes"]] == [12.0, 8.0]
+    full, tuned = (_summary(tiny, run) for run in ("full", "continual"))
+    training = [s["wall_seconds"] - s["validation_seconds"] for s in (full, tuned)]
+    assert figures["round2"]["continual_training_ratio"] == pytest.approx(training[0] / training[1])
+    assert figures["scoring"]["ensemble_ratio"] > 0 and figures["scoring"]["flip_ratio"] > 0

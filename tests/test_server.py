@@ -121,11 +121,9 @@ def _post(server, path: str) -> str:
 def _wait_until_running(client: MONAILabelClient, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            client.train_status(check_if_running=True)
+        if client.train_status(check_if_running=True):  # True once the task's process is registered
             return
-        except MONAILabelClientException:
-            time.sleep(0.05)
+        time.sleep(0.05)
     pytest.fail("training never started")
 
 
