@@ -1,7 +1,8 @@
 """Benchmarks measured in one run on this machine: inference latency and memory, scaling, training and scoring cost.
 
-    python -m lib.benchmark              # make benchmark; about 10 min on 2 CPU cores, less on a GPU
-    python -m lib.benchmark --quick      # 3 mm only, smaller size series: a couple of minutes on CPU
+    python -m lib.benchmark              # make benchmark; about 10 min on 2 CPU cores, a few on a GPU
+    python -m lib.benchmark --quick      # the 30-slice CT at 3 mm only, smaller sizes: about 3 min on CPU
+    python -m lib.benchmark --full_ct    # CPU: the whole example CT at 1.5 mm too (~12 min per backbone here)
 
 Figures (each printed with the device that produced it):
 
@@ -9,9 +10,12 @@ Figures (each printed with the device that produced it):
    62.19M parameters; random weights: latency does not depend on them) on the real example CT
    (``lib.example_ct``) at 3 mm and 1.5 mm, through :class:`lib.inference.Predictor` (load, preprocess,
    sliding window, inversion to the original grid, thresholding). On CUDA the paper's settings (96^3
-   windows, overlap 0.5) after one warm-up pass; on CPU the CPU defaults (64^3, overlap 0.25; the paper's
-   settings take about 17 min per CT at 1.5 mm there), without warm-up.
-2. How latency grows with volume size: the U-Net on the same CT resampled to three spacings.
+   windows, overlap 0.5) after one warm-up pass; on CPU the CPU defaults (64^3, overlap 0.25), without
+   warm-up. On CPU the 1.5 mm figure uses the 30-slice real CT (``example_ct_sm``, 20 windows) by default:
+   the whole example CT at 1.5 mm is 100 windows of about 7 s each per backbone on a shared 2-core machine,
+   so ``--full_ct`` measures it only on request.
+2. How latency grows with volume size: the U-Net's sliding window on the example CT resampled to three
+   spacings (CPU: 8, 6 and 4.5 mm, i.e. 1, 1 and 8 windows; CUDA: 3, 2 and 1.5 mm).
 3. Round-2 cost: full / continual training time at the measured quality, read from a finished demo
    (``lib.experiment``) when one is present.
 4. Attention scoring cost relative to plain inference: the two-backbone ensemble against one plain
@@ -19,6 +23,9 @@ Figures (each printed with the device that produced it):
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (weights included); on CPU the peak rise of the
 process's resident memory during the call (sampled every 2 ms), weights excluded.
+
+On CPU the benchmark runs one torch thread by default (``--threads``): on the shared 2-core machine it
+was measured as fast as two for the U-Net and twice as fast for Swin UNETR (idle OpenMP threads spin).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,33 +55,42 @@ from model.universal import BACKBONES, UniversalModel
 
 T = TypeVar("T")
 MB = 2**20
+MEMORY_NOTE = {True: "torch.cuda.max_memory_allocated (weights included)",
+               False: "peak rise of resident memory during the call (weights excluded)"}
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What one benchmark run measures and how."""
+    """What one benchmark run measures and how; volumes are (example case, spacing in mm)."""
 
     roi: int
     overlap: float
     width: float
-    latency_spacings: tuple[float, ...]
-    size_spacings: tuple[float, ...]
-    scoring_spacing: float
+    latency: tuple[tuple[str, float], ...]
+    sizes: tuple[tuple[str, float], ...]
+    scoring: tuple[str, float]
     warmup: bool
     description: str
 
 
-def default_settings(device: torch.device, quick: bool) -> BenchSettings:
-    """Paper settings on CUDA, the CPU defaults on CPU; ``quick`` drops 1.5 mm and the finest size."""
-    cuda = device.type == "cuda"
-    return BenchSettings(
-        roi=96 if cuda else 64, overlap=0.5 if cuda else 0.25, width=1.0,
-        latency_spacings=(3.0,) if quick else (3.0, 1.5),
-        size_spacings=(6.0, 4.5, 3.0) if quick or not cuda else (3.0, 2.0, 1.5),
-        scoring_spacing=3.0, warmup=cuda,
-        description=("paper settings (96^3 windows, overlap 0.5)" if cuda
-                     else "CPU defaults (64^3 windows, overlap 0.25)"),
-    )
+FULL, SMALL = "example_ct", "example_ct_sm"
+
+
+def default_settings(device: torch.device, quick: bool, full_ct: bool = False) -> BenchSettings:
+    """Paper settings on CUDA, the CPU defaults on CPU, sized to finish in about 10 minutes (``quick``: 3)."""
+    if device.type == "cuda":
+        return BenchSettings(
+            roi=96, overlap=0.5, width=1.0, latency=((FULL, 3.0),) if quick else ((FULL, 3.0), (FULL, 1.5)),
+            sizes=tuple((FULL, s) for s in ((6.0, 4.5, 3.0) if quick else (3.0, 2.0, 1.5))), scoring=(FULL, 3.0),
+            warmup=True, description="paper settings (96^3 windows, overlap 0.5)",
+        )
+    if quick:
+        latency, sizes, scoring = ((SMALL, 3.0),), ((SMALL, 6.0), (SMALL, 4.5), (SMALL, 3.0)), (SMALL, 6.0)
+    else:
+        latency = ((FULL, 3.0), (FULL if full_ct else SMALL, 1.5))
+        sizes, scoring = ((FULL, 8.0), (FULL, 6.0), (FULL, 4.5)), (FULL, 6.0)  # 3 mm is in figure 1
+    return BenchSettings(roi=64, overlap=0.25, width=1.0, latency=latency, sizes=sizes, scoring=scoring,
+                         warmup=False, description="CPU defaults (64^3 windows, overlap 0.25)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +171,7 @@ class Measurement:
     """One timed call on one volume."""
 
     what: str
+    case: str
     backbone: str
     spacing_mm: float
     shape: tuple[int, ...]
@@ -173,49 +190,54 @@ class Measurement:
 
 
 class Bench:
-    """Holds the models, the CT and the settings; each method measures one figure."""
+    """Holds the models and the settings; each method measures one figure."""
 
-    def __init__(self, settings: BenchSettings, device: torch.device, image: Path):
-        self.settings, self.device, self.image = settings, device, image
+    def __init__(self, settings: BenchSettings, device: torch.device):
+        self.settings, self.device = settings, device
         self.models = {name: random_model(name, settings.roi, settings.width, device) for name in BACKBONES}
         self.inference = InferenceConfig(roi_size=(settings.roi,) * 3, overlap=settings.overlap, device=str(device))
 
     def predictor(self, backbone: str, spacing: float) -> Predictor:
         return Predictor(self.models[backbone], CTPipelineConfig.from_spacing(spacing), self.inference)
 
-    def predict_latency(self, backbone: str, spacing: float) -> Measurement:
+    def _measurement(self, what: str, case: str, backbone: str, spacing: float, shape: Sequence[int],
+                     seconds: float, peak: float) -> Measurement:
+        windows = window_count(shape, self.settings.roi, self.settings.overlap)
+        return Measurement(what, case, backbone, spacing, tuple(int(s) for s in shape), windows, seconds, peak)
+
+    def predict_latency(self, case: str, backbone: str, spacing: float) -> Measurement:
         """Latency and peak memory of one whole CT through the Predictor."""
+        image, _ = example_case(case)
         predictor = self.predictor(backbone, spacing)
         if self.settings.warmup:
-            predictor.predict(self.image)
-        prediction, seconds, peak = timed(lambda: predictor.predict(self.image), self.device)
-        shape = tuple(prediction.probabilities.shape[1:])
-        return Measurement("predict", backbone, spacing, shape, window_count(shape, self.settings.roi,
-                                                                             self.settings.overlap), seconds, peak)
+            predictor.predict(image)
+        prediction, seconds, peak = timed(lambda: predictor.predict(image), self.device)
+        return self._measurement("predict", case, backbone, spacing, prediction.probabilities.shape[1:], seconds,
+                                 peak)
 
-    def network_latency(self, backbone: str, spacing: float) -> Measurement:
+    def preprocessed(self, case: str, spacing: float) -> dict:
+        return self.predictor("unet", spacing).preprocess(example_case(case)[0])[0]
+
+    def network_latency(self, case: str, backbone: str, spacing: float) -> Measurement:
         """Sliding-window inference alone on a preprocessed volume (no loading or inversion)."""
-        sample = self.predictor(backbone, spacing).preprocess(self.image)[0]
-        image = sample[IMAGE_KEY][None]
+        image = self.preprocessed(case, spacing)[IMAGE_KEY][None]
+        model = self.models[backbone]
         if self.settings.warmup:
-            sliding_window_probabilities(self.models[backbone], image, self.inference)
-        _, seconds, peak = timed(lambda: sliding_window_probabilities(self.models[backbone], image, self.inference),
-                                 self.device)
-        shape = tuple(image.shape[2:])
-        return Measurement("sliding window", backbone, spacing, shape,
-                           window_count(shape, self.settings.roi, self.settings.overlap), seconds, peak)
+            sliding_window_probabilities(model, image, self.inference)
+        _, seconds, peak = timed(lambda: sliding_window_probabilities(model, image, self.inference), self.device)
+        return self._measurement("sliding window", case, backbone, spacing, image.shape[2:], seconds, peak)
 
-    def scoring_cost(self) -> dict[str, float]:
+    def scoring_cost(self) -> dict[str, Any]:
         """Seconds of attention scoring (ensemble and flips) and of the plain inferences it replaces."""
-        spacing = self.settings.scoring_spacing
-        sample = self.predictor("unet", spacing).preprocess(self.image)[0]
+        case, spacing = self.settings.scoring
+        sample = self.preprocessed(case, spacing)
         image = sample[IMAGE_KEY][None]
         plain = {name: timed(lambda m=model: sliding_window_probabilities(m, image, self.inference), self.device)[1]
                  for name, model in self.models.items()}
         ensemble = timed(lambda: score_case(list(self.models.values()), sample, self.inference), self.device)[1]
         flips = timed(lambda: score_case([self.models["unet"]], sample, self.inference), self.device)[1]
         return {"plain_" + name: seconds for name, seconds in plain.items()} | {
-            "ensemble_scoring": ensemble, "unet_flip_scoring": flips, "spacing_mm": spacing,
+            "ensemble_scoring": ensemble, "unet_flip_scoring": flips, "case": case, "spacing_mm": spacing,
             "ensemble_ratio": ensemble / sum(plain.values()), "flip_ratio": flips / plain["unet"],
         }
 
@@ -244,17 +266,17 @@ def demo_round2(demo: Path) -> dict[str, float] | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"CPU, {os.cpu_count()} cores"
 
 
 def print_measurements(title: str, rows: Sequence[Measurement]) -> None:
     print(f"\n{title}")
-    print(f"{'backbone':<11} {'spacing':>7} {'volume':>15} {'Mvox':>6} {'windows':>7} {'seconds':>8} "
-          f"{'s/Mvox':>7} {'peak MB':>8}")
+    print(f"{'case':<14} {'backbone':<11} {'spacing':>7} {'volume':>13} {'Mvox':>6} {'windows':>7} "
+          f"{'seconds':>8} {'s/window':>8} {'peak MB':>8}")
     for m in rows:
         volume = "x".join(str(s) for s in m.shape)
-        print(f"{m.backbone:<11} {m.spacing_mm:>5.1f}mm {volume:>15} {m.megavoxels:>6.2f} {m.windows:>7d} "
-              f"{m.seconds:>8.2f} {m.seconds / m.megavoxels:>7.2f} {m.peak_mb:>8.0f}")
+        print(f"{m.case:<14} {m.backbone:<11} {m.spacing_mm:>5.1f}mm {volume:>13} {m.megavoxels:>6.2f} "
+              f"{m.windows:>7d} {m.seconds:>8.2f} {m.seconds / m.windows:>8.2f} {m.peak_mb:>8.0f}")
 
 
 def growth_exponent(rows: Sequence[Measurement]) -> float:
@@ -263,15 +285,18 @@ def growth_exponent(rows: Sequence[Measurement]) -> float:
     return math.log(large.seconds / small.seconds) / math.log(large.megavoxels / small.megavoxels)
 
 
-def run_benchmark(settings: BenchSettings, device: torch.device, image: Path, demo: Path) -> dict[str, Any]:
+def run_benchmark(settings: BenchSettings, device: torch.device, demo: Path) -> dict[str, Any]:
     """Measure and print every figure; returns them for ``--json``."""
-    print(f"device: {device_name(device)}; torch {torch.__version__}; {settings.description}; "
-          f"width {settings.width:g}; CT {image.name}")
-    bench = Bench(settings, device, image)
-    print("parameters: " + ", ".join(f"{n} {parameter_millions(m):.2f}M" for n, m in bench.models.items()))
-    latency = [bench.predict_latency(b, s) for s in settings.latency_spacings for b in BACKBONES]
+    print(f"device: {device_name(device)}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+          f"{settings.description}; "
+          f"width {settings.width:g}; peak memory: {MEMORY_NOTE[device.type == 'cuda']}")
+    bench = Bench(settings, device)
+    print("parameters: " + ", ".join(f"{n} {parameter_millions(m.backbone):.2f}M backbone "
+                                     f"({parameter_millions(m):.2f}M with the class heads)"
+                                     for n, m in bench.models.items()))
+    latency = [bench.predict_latency(c, b, s) for c, s in settings.latency for b in BACKBONES]
     print_measurements("1. latency per CT (Predictor: load, preprocess, sliding window, inversion, masks)", latency)
-    sizes = [bench.network_latency("unet", s) for s in settings.size_spacings]
+    sizes = [bench.network_latency(c, "unet", s) for c, s in settings.sizes]
     print_measurements("2. latency against volume size (U-Net, sliding window only)", sizes)
     if len(sizes) > 1:
         print(f"   seconds grow as voxels^{growth_exponent(sizes):.2f} "
@@ -284,9 +309,9 @@ def run_benchmark(settings: BenchSettings, device: torch.device, image: Path, de
         for run, label in (("continual", "continual"), ("continual_cached", "continual + feature cache")):
             print(f"   {label:<26} {round2[f'{run}_training_ratio']:6.1f}x training wall, "
                   f"{round2[f'{run}_wall_ratio']:6.1f}x total wall; revised-class Dice "
-                  f"{-round2[f'{run}_revised_dice_gap_points']:+.2f} pt vs full")
+                  f"{round2[f'{run}_revised_dice_gap_points']:.2f} pt below full")
     scoring = bench.scoring_cost()
-    print(f"\n4. attention scoring at {scoring['spacing_mm']:g} mm")
+    print(f"\n4. attention scoring ({scoring['case']} at {scoring['spacing_mm']:g} mm)")
     print(f"   ensemble (U-Net + Swin UNETR): {scoring['ensemble_scoring']:.2f} s = {scoring['ensemble_ratio']:.2f}x "
           f"plain inference of both ({scoring['plain_unet']:.2f} s + {scoring['plain_swin_unetr']:.2f} s)")
     print(f"   one model, 4 test-time flips:  {scoring['unet_flip_scoring']:.2f} s = {scoring['flip_ratio']:.2f}x "
@@ -302,8 +327,10 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="3 mm only and a coarser size series")
+    p.add_argument("--quick", action="store_true", help="the 30-slice CT at 3 mm only and smaller sizes")
+    p.add_argument("--full_ct", action="store_true", help="CPU: time the whole example CT at 1.5 mm as well")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's on CUDA)")
     p.add_argument("--demo", type=Path, default=Path("runs/demo"), help="finished experiment to read round 2 from")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--width", type=float, default=None, help="backbone width (default: published, 1)")
@@ -311,28 +338,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=None, help="window overlap (default: 0.5 CUDA, 0.25 CPU)")
     p.add_argument("--spacings", type=_floats, default=None, help="latency spacings in mm, e.g. 3,1.5")
     p.add_argument("--size_spacings", type=_floats, default=None, help="spacings of the size series, e.g. 6,4.5,3")
-    p.add_argument("--case", default="example_ct", help="example case: example_ct or example_ct_sm")
+    p.add_argument("--scoring_spacing", type=float, default=None, help="spacing of the scoring comparison")
+    p.add_argument("--case", choices=(FULL, SMALL), default=None, help="run every measurement on this CT")
     return p
 
 
+def _override(volumes: Sequence[tuple[str, float]], case: str | None, spacings: Sequence[float] | None,
+              ) -> tuple[tuple[str, float], ...]:
+    """The volumes on ``case`` (default: their own) at ``spacings`` (default: their own)."""
+    if spacings is None:
+        return tuple((case or c, s) for c, s in volumes)
+    return tuple((case or volumes[0][0], s) for s in spacings)
+
+
 def settings_from_args(args: argparse.Namespace, device: torch.device) -> BenchSettings:
-    settings = default_settings(device, args.quick)
-    overrides = {"width": args.width, "roi": args.roi, "overlap": args.overlap, "latency_spacings": args.spacings,
-                 "size_spacings": args.size_spacings}
-    chosen = {k: v for k, v in overrides.items() if v is not None}
-    if args.spacings is not None:
-        chosen["scoring_spacing"] = max(args.spacings)
+    settings = default_settings(device, args.quick, args.full_ct)
+    scoring_spacing = args.scoring_spacing if args.scoring_spacing is not None else settings.scoring[1]
+    chosen: dict[str, Any] = {k: v for k, v in {"width": args.width, "roi": args.roi, "overlap": args.overlap}.items()
+                              if v is not None}
+    if args.case or args.spacings or args.size_spacings or args.scoring_spacing is not None:
+        chosen |= {"latency": _override(settings.latency, args.case, args.spacings),
+                   "sizes": _override(settings.sizes, args.case, args.size_spacings),
+                   "scoring": (args.case or settings.scoring[0], scoring_spacing)}
     if chosen:
-        chosen["description"] = settings.description + " with overrides " + json.dumps(chosen)
-    return BenchSettings(**(asdict(settings) | chosen))
+        chosen["description"] = f"{settings.description} with overrides {json.dumps(chosen)}"
+    return replace(settings, **chosen)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    settings = settings_from_args(args, device)
-    image, _ = example_case(args.case)
-    figures = run_benchmark(settings, device, image, args.demo)
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    figures = run_benchmark(settings_from_args(args, device), device, args.demo)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))

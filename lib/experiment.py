@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 
 ROUND2_RUNS = ("continual", "continual_cached", "full")
 RUNS = ("round1", *ROUND2_RUNS)
-STAGE_OUTPUTS = (*RUNS, "attention", "eval", "revisions.json", "report.md", "learning_curves.png",
+STAGE_OUTPUTS = (*RUNS, "attention", "eval", "logs", "revisions.json", "report.md", "learning_curves.png",
                  "per_class_dice.png", "experiment.json")
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "lib.trainers.train": train_main,

@@ -42,7 +42,7 @@ class ModelNotReady(FileNotFoundError):
 class ModelStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._cache: dict[tuple[str, str], tuple[tuple[int, int], dict[str, Any], Any]] = {}
         self._lock = threading.Lock()
         for backbone in BACKBONES:
             self.recover(backbone)
@@ -127,17 +127,36 @@ class ModelStore:
                 for b in backbones if self.exists(b)}
 
     def cached(self, backbone: str, purpose: str, build: Callable[[Path], T]) -> T:
-        """``build(model path)`` once per published version (keyed by mtime); thread-safe."""
+        """``build(model path)`` once per published version; thread-safe."""
+        return self.loaded(backbone, purpose, build)[1]
+
+    def loaded(self, backbone: str, purpose: str, build: Callable[[Path], T]) -> tuple[dict[str, Any], T]:
+        """(published.json, ``build(model path)``) of the same published version, built once per version.
+
+        A publish writes published.json before it renames model.pt into place, so the two are read
+        together under the publish lock: a request never reports one round while using another's weights.
+        """
         path = self.path(backbone)
-        if not path.is_file():
-            raise ModelNotReady(
-                f"no {canonical_backbone(backbone)} model is published yet ({path}); train one first"
-            )
-        mtime = path.stat().st_mtime
         key = (canonical_backbone(backbone), purpose)
         with self._lock:
+            version = self._version(path)
             hit = self._cache.get(key)
-            if hit is None or hit[0] != mtime:
-                log.info("loading %s (%s) published at mtime %.0f", path, purpose, mtime)
-                self._cache[key] = (mtime, build(path))
-            return self._cache[key][1]
+            if hit is None or hit[0] != version:
+                with self._publish_lock(backbone):
+                    version = self._version(path)
+                    info = self.info(backbone)
+                    log.info("loading %s (%s): round %s", path, purpose, info.get("round"))
+                    self._cache[key] = (version, info, build(path))
+            _, info, value = self._cache[key]
+            return info, value
+
+    @staticmethod
+    def _version(path: Path) -> tuple[int, int]:
+        """Identity of the file now at ``path``: a publish renames a new file (new inode) into place."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError as error:
+            raise ModelNotReady(
+                f"no {canonical_backbone(path.parent.name)} model is published yet ({path}); train one first"
+            ) from error
+        return stat.st_ino, stat.st_mtime_ns

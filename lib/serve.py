@@ -21,21 +21,48 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from lib.app_config import AppConfig
 from lib.example_ct import example_case
 from lib.model_store import ModelStore
 from lib.paths import REPO_ROOT, data_dir
 from lib.phantom import PhantomConfig, build_cohort
 from lib.trainers.train_task import PRETRAINED_DIR, PUBLISHED_NAMES
+from model.checkpoint import load_checkpoint
 
 log = logging.getLogger("revseg.serve")
 
 
-def prepare_cohort(root: Path, num_cases: int, spacing: float) -> Path:
+COHORT_SPACING = 3.0  # the demo CTs shown in Slicer; models resample them to their own spacing
+CPU_GEOMETRY = {"spacing": "6", "roi_size": "32"}  # a bootstrap that learns the large organs in minutes on CPU
+BOOTSTRAP_EPOCHS = 100  # the cosine schedule's length; the time budget usually ends the run first on CPU
+
+
+def prepare_cohort(root: Path, num_cases: int) -> Path:
     if not (root / "cohort.json").is_file():
-        log.info("building a %d-case phantom cohort at %.1f mm in %s", num_cases, spacing, root)
-        build_cohort(root, PhantomConfig(num_cases=num_cases, seed=0, spacing=(spacing,) * 3))
+        log.info("building a %d-case phantom cohort at %.1f mm in %s", num_cases, COHORT_SPACING, root)
+        build_cohort(root, PhantomConfig(num_cases=num_cases, seed=0, spacing=(COHORT_SPACING,) * 3))
     return root
+
+
+def published_geometry(store: ModelStore, backbones: list[str]) -> dict[str, str]:
+    """Spacing and ROI the published model was trained with: serving it at others would be garbage."""
+    for backbone in backbones:
+        if store.exists(backbone):
+            train_config = load_checkpoint(store.path(backbone)).get("train_config") or {}
+            if train_config.get("spacing") and train_config.get("roi_size"):
+                return {"spacing": f"{train_config['spacing'][0]:g}", "roi_size": str(train_config["roi_size"][0])}
+    return {}
+
+
+def serving_geometry(args: argparse.Namespace, store: ModelStore, backbones: list[str]) -> dict[str, str]:
+    """Explicit flags, else the published model's geometry, else 6 mm / 32^3 on CPU and the app's defaults on GPU."""
+    chosen = {k: v for k, v in {"spacing": args.spacing, "roi_size": args.roi_size}.items() if v is not None}
+    if len(chosen) == 2:
+        return chosen
+    fallback = published_geometry(store, backbones) or ({} if torch.cuda.is_available() else CPU_GEOMETRY)
+    return fallback | chosen
 
 
 def prepare_studies(studies: Path, cohort: Path) -> Path:
@@ -54,10 +81,10 @@ def prepare_studies(studies: Path, cohort: Path) -> Path:
 
 def bootstrap_model(store: ModelStore, backbone: str, cohort: Path, config: AppConfig, minutes: float) -> None:
     """Publish a round-1 model: full training on the cohort's AI labels, bounded in time."""
-    run_dir = config.runs / backbone / "bootstrap"
+    run_dir = config.runs / backbone / f"bootstrap-{config.spacing[0]:g}mm-roi{config.roi_size[0]}"
     args = ["--backbone", backbone, "--data_root_path", str(cohort), "--dataset_list", str(cohort / "train.txt"),
-            "--val_list", str(cohort / "val.txt"), "--run_dir", str(run_dir), "--max_epoch", "40",
-            "--warmup_epoch", "2", "--val_every", "10", "--store_num", "5", "--lr", "2e-3", "--num_samples", "2",
+            "--val_list", str(cohort / "val.txt"), "--run_dir", str(run_dir), "--max_epoch", str(BOOTSTRAP_EPOCHS),
+            "--warmup_epoch", "2", "--val_every", "25", "--store_num", "5", "--lr", "2e-3", "--num_samples", "2",
             "--width", str(config.width), "--time_limit_minutes", str(minutes)]
     for axis, roi, spacing in zip("xyz", config.roi_size, config.spacing, strict=True):
         args += [f"--roi_{axis}", str(roi), f"--space_{axis}", str(spacing)]
@@ -84,7 +111,7 @@ def server_command(app_conf: dict[str, str], studies: Path, host: str, port: int
     return cmd
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=Path, default=data_dir() / "studies")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (see README before exposing it)")
@@ -93,15 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=20, help="phantom cases in the demo studies folder")
     parser.add_argument("--bootstrap-minutes", type=float, default=10.0)
     parser.add_argument("--width", default="0.25", help="backbone width of a bootstrap model (CPU)")
+    parser.add_argument("--spacing", default=None,
+                        help="mm (default: the published model's, else 6 on CPU and the app's 3 on GPU)")
+    parser.add_argument("--roi-size", default=None, help="voxels per side (default: the published model's, else "
+                                                         "32 on CPU and the app's 64 on GPU)")
     parser.add_argument("--prepare-only", action="store_true", help="prepare everything, do not start the server")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     app_conf = {"models": args.models, "width": args.width}
+    store = ModelStore(AppConfig.from_conf(app_conf).model_dir)
+    app_conf |= serving_geometry(args, store, AppConfig.from_conf(app_conf).models)
     config = AppConfig.from_conf(app_conf)
-    cohort = prepare_cohort(data_dir() / "phantom_demo", args.cases, config.spacing[0])
+    log.info("serving at %s mm with %s^3 windows", app_conf.get("spacing", "3"), app_conf.get("roi_size", "64"))
+    cohort = prepare_cohort(data_dir() / "phantom_demo", args.cases)
     studies = prepare_studies(args.studies, cohort)
-    store = ModelStore(config.model_dir)
     for backbone in config.models:
         if not store.exists(backbone):
             bootstrap_model(store, backbone, cohort, config, args.bootstrap_minutes)

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 
 from lib.model_store import ModelStore
 from lib.paths import REPO_ROOT
@@ -43,8 +44,10 @@ class ServerStartError(RuntimeError):
 class LiveServer:
     """One studies folder served by a real server process; each ``start()`` picks a fresh port."""
 
-    def __init__(self, studies: Path, conf: dict[str, str], log_path: Path, startup_timeout: float = 180.0):
+    def __init__(self, studies: Path, conf: dict[str, str], log_path: Path, startup_timeout: float = 180.0,
+                 env: dict[str, str] | None = None):
         self.studies, self.conf, self.log_path = Path(studies), dict(conf), Path(log_path)
+        self.env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.port = 0
@@ -60,7 +63,7 @@ class LiveServer:
         self.port, self.starts = free_port(), self.starts + 1
         bin_dir = Path(sys.executable).parent
         env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-                            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+                            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"} | self.env
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
             log.write(f"\n===== start {self.starts} on port {self.port} =====\n")
@@ -140,15 +143,21 @@ class LiveServer:
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        while True:
-            try:
-                self.client.info()
-                return
-            except Exception as error:  # connection refused while starting, 5xx while the app loads
-                if self.process is None or self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop(kill=True)
-                    raise ServerStartError(f"server did not start ({error}):\n{self.log_tail()}") from error
-                time.sleep(0.5)
+        while (error := self._not_ready()) is not None:
+            if self.process is None or self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop(kill=True)
+                raise ServerStartError(f"server did not start ({error}):\n{self.log_tail()}") from error
+            time.sleep(0.5)
+
+    def _not_ready(self) -> Exception | None:
+        """None once the app answers ``/info`` (a 401 counts: authentication is on and the app is up)."""
+        try:
+            self.client.info()
+        except MONAILabelClientException as error:
+            return None if error.status_code == 401 else error
+        except Exception as error:  # connection refused while starting, 5xx while the app loads
+            return error
+        return None
 
 
 def kill_processes(processes: list[psutil.Process], timeout: float = 10.0) -> None:
@@ -159,7 +168,8 @@ def kill_processes(processes: list[psutil.Process], timeout: float = 10.0) -> No
     psutil.wait_procs(processes, timeout=timeout)
 
 
-def prepare_site(root: Path, images: list[Path], checkpoint: Path, conf: dict[str, str]) -> LiveServer:
+def prepare_site(root: Path, images: list[Path], checkpoint: Path, conf: dict[str, str],
+                 env: dict[str, str] | None = None) -> LiveServer:
     """A studies folder holding copies of ``images``, ``checkpoint`` published as the round-1 unet, and a
     (not yet started) server over both; models and runs live under ``root``."""
     studies = root / "studies"
@@ -168,4 +178,4 @@ def prepare_site(root: Path, images: list[Path], checkpoint: Path, conf: dict[st
         shutil.copy(image, studies / image.name)
     ModelStore(root / "models").publish("unet", checkpoint, {"mode": "full"})
     conf = {**conf, "model_dir": str(root / "models"), "runs_dir": str(root / "runs")}
-    return LiveServer(studies, conf, root / "server.log")
+    return LiveServer(studies, conf, root / "server.log", env=env)

@@ -192,12 +192,13 @@ def test_benchmark_quick_smoke(tiny: Path, tmp_path: Path, capsys):
     """Every figure of the benchmark at toy sizes; round-2 ratios come from the tiny experiment's runs."""
     out = tmp_path / "bench.json"
     assert benchmark_main(["--quick", "--device", "cpu", "--width", "0.25", "--roi", "64", "--spacings", "8",
-                           "--size_spacings", "12,8", "--case", "example_ct_sm", "--demo", str(tiny),
-                           "--json", str(out)]) == 0
+                           "--size_spacings", "12,8", "--scoring_spacing", "12", "--case", "example_ct_sm",
+                           "--demo", str(tiny), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "device: CPU" in printed and "with overrides" in printed
     figures = json.loads(out.read_text())
-    assert {(m["backbone"], m["spacing_mm"]) for m in figures["latency"]} == {("unet", 8.0), ("swin_unetr", 8.0)}
+    assert {(m["case"], m["backbone"], m["spacing_mm"]) for m in figures["latency"]} == {
+        ("example_ct_sm", "unet", 8.0), ("example_ct_sm", "swin_unetr", 8.0)}
     assert all(m["seconds"] > 0 and m["windows"] >= 1 for m in figures["latency"] + figures["sizes"])
     assert [m["spacing_mm"] for m in figures["sizes"]] == [12.0, 8.0]
     full, tuned = (_summary(tiny, run) for run in ("full", "continual"))

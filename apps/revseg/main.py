@@ -29,6 +29,7 @@ from lib.datastore import RevisionDatastore, check_identifier  # noqa: E402
 from lib.infers.attention import AttentionInfer  # noqa: E402
 from lib.infers.segmentation import UniversalSegmentation  # noqa: E402
 from lib.model_store import ModelStore  # noqa: E402
+from lib.server_auth import install_token_check  # noqa: E402
 from lib.server_errors import install_error_handlers  # noqa: E402
 from lib.trainers.train_task import RevisionTrainTask  # noqa: E402
 
@@ -44,7 +45,9 @@ class RevsegApp(MONAILabelApp):
                          description="Universal abdominal CT segmentation that learns from expert revisions",
                          labels=slicer_label_names())
         if "monailabel.app" in sys.modules:  # inside the server, not the training subprocess
-            install_error_handlers(sys.modules["monailabel.app"].app)
+            install_token_check()
+            install_error_handlers(sys.modules["monailabel.app"].app,
+                                   max_upload_bytes=int(self.app_config.max_upload_mb * 2**20))
 
     def init_datastore(self) -> RevisionDatastore:
         return RevisionDatastore(self.studies, max_upload_mb=self.app_config.max_upload_mb,

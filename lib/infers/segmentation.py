@@ -55,8 +55,9 @@ class UniversalSegmentation(InferTask):
     def is_valid(self) -> bool:
         return True  # listed even before the first model is published; a request then gets a clear 409
 
-    def predictor(self) -> Predictor:
-        return self.store.cached(
+    def predictor(self) -> tuple[dict[str, Any], Predictor]:
+        """The published record and a Predictor for the same round."""
+        return self.store.loaded(
             self.backbone, "predictor",
             lambda path: Predictor.from_checkpoint(
                 path, self.app_config.pipeline(), self.app_config.inference(), backbone=self.backbone
@@ -67,19 +68,21 @@ class UniversalSegmentation(InferTask):
         """Predict and write the label map to a temp file (used to diff a revision on demand)."""
         return self._predict(image_path)[0]
 
-    def _predict(self, image_path: str) -> tuple[str, np.ndarray, float]:
-        prediction = self.predictor().predict(image_path)
+    def _predict(self, image_path: str) -> tuple[str, np.ndarray, float, dict[str, Any]]:
+        published, predictor = self.predictor()
+        prediction = predictor.predict(image_path)
         label_map = prediction.label_map_original[0].numpy()
-        return write_temp_label(label_map, prediction.affine, f"revseg {self.backbone}"), label_map, prediction.seconds
+        path = write_temp_label(label_map, prediction.affine, f"revseg {self.backbone}")
+        return path, label_map, prediction.seconds, published
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         start = time.perf_counter()
-        path, label_map, seconds = self._predict(request["image"])
+        path, label_map, seconds, published = self._predict(request["image"])
         present = sorted(int(v) for v in np.unique(label_map) if v)
         return path, {
             "label_names": self.labels,
             "model": self.backbone,
-            "published": self.store.info(self.backbone),
+            "published": published,
             "classes_present": [CLASS_NAMES[v - 1] for v in present],
             "latencies": {"total": round(time.perf_counter() - start, 3), "predict": round(seconds, 3)},
         }

@@ -267,6 +267,11 @@ def trained_class_indices(config: TrainConfig) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 
+def supervised_indices(cases: Sequence[TrainingCase]) -> list[int]:
+    """Channels at least one case supervises: the heads a run trains."""
+    return sorted({k for case in cases for k in case.supervised})
+
+
 def _read_lists(paths: Sequence[str], root: str) -> list[CaseEntry]:
     entries: list[CaseEntry] = []
     for path in paths:
@@ -338,13 +343,18 @@ class Trainer:
                 f"(missing {missing[:6]}{'...' if len(missing) > 6 else ''}); revseg trains the universal template"
             )
         self.model.to(context.device)
-        self.trained = trained_class_indices(config)
         check_cache_config(config)
+        self.cases = training_cases(config, trained_class_indices(config))
+        self.trained = supervised_indices(self.cases)
         continual = config.mode == "continual"
         if continual:
             freeze_except_heads(self.model, [self.model.class_names[k] for k in self.trained])
             self.model.eval()  # frozen BatchNorm/Dropout state; ContBatchNorm still normalises per batch
         else:
+            # Heads no case supervises get no gradient: skip them (a quarter of a step here) and keep them
+            # out of DDP's gradient reduction; they keep their weights and inference does not serve them.
+            for k, controller in enumerate(self.model.controllers):
+                controller.requires_grad_(k in self.trained)
             self.model.train()
         step: nn.Module
         if config.cache_features:
@@ -356,7 +366,6 @@ class Trainer:
             step = DistributedDataParallel(step, device_ids=device_ids)
         self.step_module = step
 
-        self.cases = training_cases(config, self.trained)
         self.supervised_classes = supervised_class_names(self.cases, resumed or _pretrain_checkpoint(config))
         self.pipeline = CTPipelineConfig(spacing=config.spacing)
         self.transforms = training_transforms(self.pipeline, config.roi_size, config.num_samples)
@@ -570,7 +579,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
             log.info("%s training: %d cases (%s), %d steps/epoch, %d epochs, trained classes: %s, world size %d",
                      config.mode, len(self.cases), _roles(self.cases), self.steps_per_epoch, config.max_epoch,
-                     [CLASS_NAMES[k] for k in self.trained] if config.mode == "continual" else "all",
+                     [CLASS_NAMES[k] for k in self.trained],
                      self.ctx.world_size)
         wall_start, cpu_start = time.perf_counter(), time.process_time()
         if config.cache_features:

@@ -1,8 +1,10 @@
-"""Forgetting guard: a continual-tuning round may not publish if classes nobody revised got worse.
+"""Forgetting guard: a round may not replace the published model if classes nobody revised got worse.
 
-Continual tuning freezes those classes' heads, so their probabilities cannot move; the guard
-still checks on real cases, because the final label map flattens overlaps (a revised class can
-take voxels from a neighbour) and because a full-mode round or a changed recipe could forget.
+Every round that would replace a published model is checked: the classes nobody revised are scored
+(per-class Dice, as in evaluation) on the experts' final labels, with the published model and with the
+candidate. In continual tuning those classes' heads are frozen, so their masks are bit-identical by
+construction and the guard passes with drops of exactly 0; it is the safety net for everything else: a
+full retraining, a changed recipe, a class the new model no longer predicts (scored as Dice 0).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ def class_dice(predictor: Predictor, entries: Sequence[CaseEntry], classes: Sequ
 
 
 def dice_drops(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Dice lost per class (positive = worse), for classes scored both times."""
-    return {name: before[name] - after[name] for name in before if name in after}
+    """Dice lost per class scored before (positive = worse); a class no longer predicted falls to 0."""
+    return {name: before[name] - after.get(name, 0.0) for name in before}
 
 
 def forgetting_guard(

@@ -116,8 +116,9 @@ class RevisionTrainTask(TrainTask):
         candidate = run_dir / "checkpoints" / "last.pt"
         result = {"mode": mode, "run_dir": str(run_dir), **details,
                   **{k: summary[k] for k in ("wall_seconds", "epochs", "steps", "samples", "world_size")}}
-        if mode == "continual":
-            result["forgetting_guard"] = self._guard(candidate, datastore, details["revised_classes"])
+        if self.store.exists(self.backbone):
+            revised = details.get("revised_classes") or union_of_revised(datastore.revised_cases())
+            result["forgetting_guard"] = self._guard(candidate, datastore, revised)
         if result.get("forgetting_guard", {}).get("passed", True):
             self.store.publish(self.backbone, candidate, {"mode": mode, "run_dir": str(run_dir), **details})
             result |= {"published": True, "round": self.store.info(self.backbone)["round"]}
