@@ -98,9 +98,25 @@ def bootstrap_model(store: ModelStore, backbone: str, cohort: Path, config: AppC
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], env=env, cwd=REPO_ROOT, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
+    epoch, validation = last_validation(run_dir / "log.jsonl")
+    if validation:
+        ranked = ", ".join(f"{n} {d:.2f}" for n, d in sorted(validation.items(), key=lambda item: -item[1]))
+        log.info("bootstrap %s model: validation Dice after epoch %d (against AI labels): %s", backbone, epoch, ranked)
     store.publish(backbone, run_dir / "checkpoints" / "last.pt",
                   {"mode": "full", "bootstrap": True, "wall_seconds": summary["wall_seconds"],
-                   "best_val_metric": summary["best_val_metric"]})
+                   "epochs": summary["epochs"], "validation_dice": validation})
+
+
+def last_validation(log_path: Path) -> tuple[int, dict[str, float]]:
+    """(epoch, per-class Dice) of a run's last validation; (0, {}) when none ran."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
+        if log_path.is_file() else []
+    validated = [r for r in records if any(k.startswith("val_dice.") for k in r)]
+    if not validated:
+        return 0, {}
+    last = validated[-1]
+    return int(last["epoch"]), {k.removeprefix("val_dice."): round(float(v), 4) for k, v in last.items()
+                                if k.startswith("val_dice.")}
 
 
 def server_command(app_conf: dict[str, str], studies: Path, host: str, port: int) -> list[str]:
@@ -133,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     app_conf = {"models": args.models, "width": args.width}
-    store = ModelStore(AppConfig.from_conf(app_conf).model_dir)
-    app_conf |= serving_geometry(args, store, AppConfig.from_conf(app_conf).models)
+    requested = AppConfig.from_conf(app_conf)
+    store = ModelStore(requested.model_dir)
+    app_conf |= serving_geometry(args, store, requested.models)
     config = AppConfig.from_conf(app_conf)
     log.info("serving at %s mm with %s^3 windows", app_conf.get("spacing", "3"), app_conf.get("roi_size", "64"))
     cohort = prepare_cohort(data_dir() / "phantom_demo", args.cases)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from lib.model_store import ModelStore
-from lib.serve import CPU_GEOMETRY, build_parser, serving_geometry
+from lib.serve import CPU_GEOMETRY, build_parser, last_validation, serving_geometry
 
 
 def test_binds_localhost_by_default():
@@ -34,3 +35,12 @@ def test_geometry_reads_the_first_published_backbone(round1_checkpoint: Path, tm
     store = ModelStore(tmp_path / "models")
     store.publish("unet", round1_checkpoint, {"mode": "full"})
     assert serving_geometry(build_parser().parse_args([]), store, backbones)["spacing"] == "6"
+
+
+def test_last_validation_reads_the_last_validated_epoch(tmp_path: Path):
+    log = tmp_path / "log.jsonl"
+    assert last_validation(log) == (0, {})
+    records = [{"epoch": 1, "loss": 0.9}, {"epoch": 2, "loss": 0.8, "val_dice.liver": 0.5, "val_metric": 0.5},
+               {"epoch": 3, "loss": 0.7, "val_dice.liver": 0.81234, "val_dice.spleen": 0.2}, {"epoch": 4, "loss": 0.6}]
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert last_validation(log) == (3, {"liver": 0.8123, "spleen": 0.2})

@@ -534,7 +534,8 @@ class Trainer:
         return self._val_cache[entry.case_id]
 
     def validate(self) -> dict[str, float]:
-        """Mean Dice per class over the validation cases that annotate it (sharded, reduced over ranks)."""
+        """Mean Dice per class over the validation cases that annotate it and where the class is in the truth
+        or the prediction (sharded, reduced over ranks)."""
         started = time.perf_counter()
         try:
             return self._validate()
@@ -550,8 +551,10 @@ class Trainer:
             probs = sliding_window_probabilities(self.model, sample[IMAGE_KEY][None], infer)[0]
             label = torch.as_tensor(sample[LABEL_KEY])[0]
             for k in entry.classes:
-                sums[k] += dice((probs[k] > 0.5).numpy(), (label == k + 1).numpy())
-                counts[k] += 1
+                predicted, truth = (probs[k] > 0.5).numpy(), (label == k + 1).numpy()
+                if predicted.any() or truth.any():  # empty vs empty says nothing about the model
+                    sums[k] += dice(predicted, truth)
+                    counts[k] += 1
         if self.config.mode == "continual":
             self.model.eval()
         else:
@@ -592,7 +595,8 @@ class Trainer:
                                       "lr": self.scheduler.get_last_lr()[0], "epoch_seconds": 0.0,
                                       "samples": self.state.samples}
             last = self.state.epoch == config.max_epoch
-            if self.val_entries and (self.state.epoch % config.val_every == 0 or last):
+            out_of_time = self._out_of_time(wall_start)
+            if self.val_entries and (self.state.epoch % config.val_every == 0 or last or out_of_time):
                 validation_started = self.validation_seconds
                 per_class = self.validate()
                 record["val_seconds"] = self.validation_seconds - validation_started
@@ -610,7 +614,6 @@ class Trainer:
                 log.info("epoch %d/%d loss %.4f%s (%.1fs, ETA %.0fs)", self.state.epoch, config.max_epoch, loss,
                          f" val {record['val_metric']:.4f}" if "val_metric" in record else "",
                          record["epoch_seconds"], remaining)
-            out_of_time = self._out_of_time(wall_start)
             if self.state.epoch % config.store_every == 0 or last or out_of_time:
                 self._save(f"epoch_{self.state.epoch:04d}.pt")
                 self._save("last.pt")
