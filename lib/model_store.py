@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from lib.atomic import atomic_copy, atomic_write_text, fsync, sha256_of, staged
 from model.checkpoint import build_model_from_checkpoint
@@ -38,12 +38,15 @@ T = TypeVar("T")
 class ModelNotReady(FileNotFoundError):
     """No model has been published yet for the requested backbone."""
 
+PUBLISH_WAIT_SECONDS = 60.0  # a publish copies one checkpoint; longer means a stuck publisher
+
 
 class ModelStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self._cache: dict[tuple[str, str], tuple[tuple[int, int], dict[str, Any], Any]] = {}
         self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         for backbone in BACKBONES:
             self.recover(backbone)
 
@@ -139,14 +142,19 @@ class ModelStore:
         path = self.path(backbone)
         key = (canonical_backbone(backbone), purpose)
         with self._lock:
-            version = self._version(path)
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one build per version and purpose; other backbones and purposes are not held up
             hit = self._cache.get(key)
-            if hit is None or hit[0] != version:
-                with self._publish_lock(backbone):
-                    version = self._version(path)
-                    info = self.info(backbone)
-                    log.info("loading %s (%s): round %s", path, purpose, info.get("round"))
-                    self._cache[key] = (version, info, build(path))
+            if hit is None or hit[0] != self._version(path):
+                try:
+                    with self._publish_lock(backbone).acquire(timeout=PUBLISH_WAIT_SECONDS):
+                        self._recover(backbone)  # an interrupted publish: make model.pt what published.json says
+                        version, info = self._version(path), self.info(backbone)
+                        log.info("loading %s (%s): round %s", path, purpose, info.get("round"))
+                        self._cache[key] = (version, info, build(path))
+                except Timeout as error:
+                    raise ModelNotReady(f"a {canonical_backbone(backbone)} model is being published; retry in a "
+                                        "moment") from error
             _, info, value = self._cache[key]
             return info, value
 

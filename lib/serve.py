@@ -50,10 +50,16 @@ def published_geometry(store: ModelStore, backbones: list[str]) -> dict[str, str
     """Spacing and ROI the published model was trained with: serving it at others would be garbage."""
     for backbone in backbones:
         if store.exists(backbone):
-            train_config = load_checkpoint(store.path(backbone)).get("train_config") or {}
-            if train_config.get("spacing") and train_config.get("roi_size"):
-                return {"spacing": f"{train_config['spacing'][0]:g}", "roi_size": str(train_config["roi_size"][0])}
+            trained = load_checkpoint(store.path(backbone)).get("train_config") or {}
+            if trained.get("spacing") and trained.get("roi_size"):
+                return {"spacing": _conf_value(trained["spacing"]), "roi_size": _conf_value(trained["roi_size"])}
     return {}
+
+
+def _conf_value(values: list[float]) -> str:
+    """One number when isotropic ("6"), else all three ("1.5,1.5,3"), as the app's conf parses them."""
+    texts = [f"{v:g}" for v in values]
+    return texts[0] if len(set(texts)) == 1 else ",".join(texts)
 
 
 def serving_geometry(args: argparse.Namespace, store: ModelStore, backbones: list[str]) -> dict[str, str]:

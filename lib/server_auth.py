@@ -43,9 +43,11 @@ def claim(payload: Mapping[str, Any], path: str) -> Any:
 
 def user_from_payload(payload: Mapping[str, Any]) -> auth.User:
     roles = claim(payload, settings.MONAI_LABEL_AUTH_TOKEN_ROLES) or []
-    return auth.User(username=claim(payload, settings.MONAI_LABEL_AUTH_TOKEN_USERNAME) or "",
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise jwt.InvalidTokenError("the roles claim must be a list of names")
+    return auth.User(username=str(claim(payload, settings.MONAI_LABEL_AUTH_TOKEN_USERNAME) or ""),
                      email=claim(payload, settings.MONAI_LABEL_AUTH_TOKEN_EMAIL),
-                     name=claim(payload, settings.MONAI_LABEL_AUTH_TOKEN_NAME), roles=list(roles))
+                     name=claim(payload, settings.MONAI_LABEL_AUTH_TOKEN_NAME), roles=roles)
 
 
 def token_checker(algorithms: Sequence[str]):
@@ -53,9 +55,12 @@ def token_checker(algorithms: Sequence[str]):
         if not settings.MONAI_LABEL_AUTH_ENABLE:
             return auth.DEFAULT_USER
         key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
-        payload = jwt.decode(token, key, algorithms=list(algorithms),
-                             options={"verify_signature": True, "verify_aud": False, "verify_exp": True})
-        return user_from_payload(payload)
+        try:
+            payload = jwt.decode(token, key, algorithms=list(algorithms), options={
+                "verify_signature": True, "verify_aud": False, "verify_exp": True, "require": ["exp"]})
+            return user_from_payload(payload)
+        except (jwt.PyJWTError, ValueError, TypeError) as error:  # a bad key type or claim is a bad token: 401
+            raise jwt.InvalidTokenError(str(error)) from error
 
     return from_token
 

@@ -17,6 +17,7 @@ from monailabel.interfaces.exception import (
     MONAILabelError,
     MONAILabelException,
 )
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lib.datalists import PairCheckError
@@ -66,32 +67,30 @@ HANDLED = (
 )
 
 
-DRAIN_BYTES = 4 * 2**30
+DRAIN_BYTES = 256 * 2**20
 
 
 class UploadSizeLimit:
-    """Refuse request bodies above ``max_bytes`` with a 413 before they reach disk.
+    """Refuse request bodies above ``max_bytes`` with a 413 (JSON, with the request and the limit).
 
-    A declared Content-Length is checked before anything is read. A chunked body is counted as it
-    streams and cut off at the limit; whatever the endpoint then answers (FastAPI turns the aborted
-    read into a 400) is replaced by the 413. The datastore checks the saved file again.
+    A declared Content-Length is judged before the body is read; a client that asked for
+    ``100-continue`` is answered before it sends anything. A chunked body is counted as it streams and
+    cut off at the limit; the endpoint's answer to the cut-off read (FastAPI makes it a 400) is replaced
+    by the 413. Before answering, up to ``DRAIN_BYTES`` of the unread body are read into nothing, so a
+    client still sending sees the answer rather than a broken pipe. The datastore checks the saved size
+    again. Installed innermost, so CORS headers still wrap the 413.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, int(max_bytes)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
-        """Read the rest of the body into nothing (clients that are still sending then see the answer
-        rather than a broken pipe; at most ``DRAIN_BYTES``), then answer 413."""
-        drained = 0
-        while drained < DRAIN_BYTES:
-            message = await receive()
-            drained += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        await self._refusal(scope, size)(scope, receive, send)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await _LimitedRequest(self, scope, receive, send).run()
 
-    def _refusal(self, scope: Scope, size: str) -> JSONResponse:
+    def refusal(self, scope: Scope, size: str) -> JSONResponse:
         query = scope.get("query_string", b"").decode(errors="replace")
         target = scope.get("path", "") + (f"?{query}" if query else "")
         message = (f"upload to {scope.get('method', '')} {target} is {size}, above the "
@@ -99,42 +98,58 @@ class UploadSizeLimit:
         log.warning("%s -> 413", message)
         return JSONResponse(status_code=413, content={"detail": message, "error": "UploadTooLarge"})
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+
+class _LimitedRequest:
+    """One request's pass through :class:`UploadSizeLimit`."""
+
+    def __init__(self, limit: UploadSizeLimit, scope: Scope, receive: Receive, send: Send):
+        self.limit, self.scope, self._receive, self._send = limit, scope, receive, send
+        self.headers = dict(scope.get("headers") or [])
+        self.received, self.body_done, self.refused, self.answered = 0, False, False, False
+
+    async def run(self) -> None:
+        declared = self.headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit.max_bytes:
+            self.refused = True
+            await self.answer(f"{int(declared) / 2**20:.1f} MB")
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, f"{int(declared) / 2**20:.1f} MB")
-            return
-        received, refused = 0, False
-
-        async def counting_receive() -> Message:
-            nonlocal received, refused
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                refused = True
-                raise UploadTooLarge(f"more than {received / 2**20:.1f} MB")
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            if not refused:
-                await send(message)
-            elif message["type"] == "http.response.start":  # the endpoint's answer to the cut-off body
-                await self._refuse(scope, receive, send, f"more than {received / 2**20:.1f} MB")
-
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.limit.app(self.scope, self.receive, self.send)
         except UploadTooLarge:
-            await self._refuse(scope, receive, send, f"more than {received / 2**20:.1f} MB")
+            if not self.answered:
+                await self.answer(f"more than {self.received / 2**20:.1f} MB")
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        self.received += len(message.get("body", b""))
+        self.body_done = message["type"] != "http.request" or not message.get("more_body", False)
+        if self.received > self.limit.max_bytes:
+            self.refused = True
+            raise UploadTooLarge(f"more than {self.received / 2**20:.1f} MB")
+        return message
+
+    async def send(self, message: Message) -> None:
+        if not self.refused:
+            await self._send(message)
+        elif message["type"] == "http.response.start" and not self.answered:  # the answer to the cut-off read
+            await self.answer(f"more than {self.received / 2**20:.1f} MB")
+
+    async def answer(self, size: str) -> None:
+        self.answered = True
+        continue_expected = self.headers.get(b"expect", b"").lower() == b"100-continue" and not self.received
+        drained = 0
+        while not (self.body_done or continue_expected) and drained < DRAIN_BYTES:
+            message = await self._receive()  # never call receive() after the last chunk: it waits for a disconnect
+            drained += len(message.get("body", b""))
+            self.body_done = message["type"] != "http.request" or not message.get("more_body", False)
+        await self.limit.refusal(self.scope, size)(self.scope, self._receive, self._send)
 
 
 def install_error_handlers(app: FastAPI, max_upload_bytes: int | None = None) -> None:
-    """Register the handlers (and the upload limit); the middleware stack is rebuilt on the next request."""
+    """Register the handlers (and the upload limit, innermost); the middleware stack is rebuilt next request."""
     for error_type in HANDLED:
         app.add_exception_handler(error_type, _handle)
     app.middleware_stack = None
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not UploadSizeLimit]
     if max_upload_bytes is not None:
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not UploadSizeLimit]
-        app.add_middleware(UploadSizeLimit, max_bytes=max_upload_bytes)
+        app.user_middleware.append(Middleware(UploadSizeLimit, max_bytes=max_upload_bytes))

@@ -8,6 +8,8 @@ with its private key, carrying Keycloak's claims. Everything else is the real se
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -58,12 +60,28 @@ class Realm:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.uri = f"http://{HOST}:{self.server.server_address[1]}/realms/revseg"
 
-    def token(self, roles: list[str], key: rsa.RSAPrivateKey | None = None, lifetime: float = 600,
-              algorithm: str = "RS256") -> str:
+    def claims(self, roles: list[str] | str, lifetime: float = 600) -> dict:
         now = int(time.time())
-        claims = {"preferred_username": "dr.who", "email": "dr.who@example.org", "name": "Dr Who",
-                  "realm_access": {"roles": roles}, "iat": now, "exp": now + int(lifetime)}
-        return jwt.encode(claims, key or self.key, algorithm=algorithm)
+        return {"preferred_username": "dr.who", "email": "dr.who@example.org", "name": "Dr Who",
+                "realm_access": {"roles": roles}, "iat": now, "exp": now + int(lifetime)}
+
+    def token(self, roles: list[str] | str, key: rsa.RSAPrivateKey | None = None, lifetime: float = 600) -> str:
+        return jwt.encode(self.claims(roles, lifetime), key or self.key, algorithm="RS256")
+
+    def forged_hs256(self, roles: list[str]) -> str:
+        """Algorithm confusion: HMAC-signed with the realm's public key as the secret (PyJWT will not make it)."""
+        pem = self.key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+        signing_input = f"{_b64({'alg': 'HS256', 'typ': 'JWT'})}.{_b64(self.claims(roles))}"
+        signature = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()
+        return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+    def unsigned(self, roles: list[str]) -> str:
+        return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(self.claims(roles))}."
+
+
+def _b64(part: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +126,9 @@ def test_tokens_and_roles_decide_access(secured, tmp_path: Path):
     assert _call(live, "GET", "/info/", "not-a-jwt")[0] == 401
     assert _call(live, "GET", "/info/", realm.token([USER], key=_rsa_key()))[0] == 401, "signed by another key"
     assert _call(live, "GET", "/info/", realm.token([USER], lifetime=-60))[0] == 401, "expired"
+    assert _call(live, "GET", "/info/", realm.forged_hs256([ADMIN]))[0] == 401, "HS256 with the public key"
+    assert _call(live, "GET", "/info/", realm.unsigned([ADMIN]))[0] == 401, "alg none"
+    assert _call(live, "GET", "/info/", realm.token(USER))[0] == 401, "roles must be a list"
     status, body = _call(live, "GET", "/info/", realm.token([USER]))
     assert status == 200 and json.loads(body)["name"] == "revseg", body
 

@@ -64,7 +64,7 @@ def site(tiny_cohort: Path, round1_checkpoint: Path, tmp_path_factory) -> Iterat
 def _send(live: LiveServer, method: str, path: str, body, content_type: str) -> tuple[int, dict]:
     request = Request(f"{live.url}{path}", data=body, method=method, headers={"Content-Type": content_type})
     try:
-        with urlopen(request) as response:
+        with urlopen(request, timeout=120) as response:  # a hang is a failure, not a stuck suite
             return response.status, json.loads(response.read() or b"{}")
     except HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
@@ -95,6 +95,11 @@ def test_oversized_uploads_get_413_and_nothing_changes(site, tmp_path: Path):
     chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: chunked transfer
     status, answer = _send(live, "PUT", f"/datastore/label?image={image_id}&tag=final", chunks, content_type)
     assert status == 413 and "max_upload_mb" in answer["detail"], answer
+
+    just_over = body[:int(LIMIT_MB * 2**20) + 1000]  # the chunk that crosses the limit is also the last one
+    status, answer = _send(live, "PUT", f"/datastore/label?image={image_id}&tag=final",
+                           (just_over[i:i + 2**17] for i in range(0, len(just_over), 2**17)), content_type)
+    assert status == 413, answer
 
     assert live.client.info()["name"] == "revseg", "the server keeps serving"
     assert _saved(live.studies) == before, "nothing saved changed"
@@ -155,8 +160,9 @@ def test_inference_answers_during_training_and_the_swap_is_atomic(site, tiny_coh
 
     with InferenceLoad(live, image_id) as load:
         status = _train(live, {"max_epochs": 3, "lr": 0.05})
-        after = len(load.answers)
+        after, deadline = len(load.answers), time.monotonic() + 120
         while len(load.answers) < after + 1 and not load.errors:  # at least one answer from the new model
+            assert time.monotonic() < deadline, "no inference answered after training"
             load.stop.wait(0.5)
     assert status["status"] == "DONE", status
     assert not load.errors, load.errors[:3]
@@ -200,3 +206,9 @@ def test_forgetting_guard_refuses_a_round_that_forgets(site, tmp_path: Path):
     served_after, params = live.client.infer("unet", image_id, {})
     assert params["published"]["round"] == published["round"]
     assert np.array_equal(_label(served_after), served_before_label)
+
+    status = _train(live, {"mode": "full", "max_epochs": 1, "forgetting_margin": 1})  # an admin accepts the loss
+    assert status["status"] == "DONE", status
+    stats = live.client.info()["train_stats"]["unet"]
+    assert stats["last_train"]["published"] and stats["last_train"]["forgetting_guard"]["passed"]
+    assert stats["published"]["round"] == published["round"] + 1

@@ -10,13 +10,24 @@ import torch
 
 from lib.model_store import ModelStore
 from lib.serve import CPU_GEOMETRY, build_parser, last_validation, serving_geometry
+from model.checkpoint import load_checkpoint
 
 
 def test_binds_localhost_by_default():
     assert build_parser().parse_args([]).host == "127.0.0.1"
 
 
-def test_geometry_follows_flags_then_the_published_model(round1_checkpoint: Path, tmp_path: Path):
+@pytest.fixture
+def checkpoint_48(round1_checkpoint: Path, tmp_path: Path) -> Path:
+    """The round-1 checkpoint, recorded as trained at 4.5 mm on 48^3 crops (neither the CPU nor the GPU default)."""
+    ckpt = load_checkpoint(round1_checkpoint)
+    ckpt["train_config"] = dict(ckpt["train_config"], spacing=[4.5, 4.5, 4.5], roi_size=[48, 48, 48])
+    path = tmp_path / "trained_at_4.5mm.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_geometry_follows_flags_then_the_published_model(checkpoint_48: Path, tmp_path: Path):
     store = ModelStore(tmp_path / "models")
     flags = build_parser().parse_args(["--spacing", "1.5", "--roi-size", "96"])
     assert serving_geometry(flags, store, ["unet"]) == {"spacing": "1.5", "roi_size": "96"}
@@ -24,17 +35,11 @@ def test_geometry_follows_flags_then_the_published_model(round1_checkpoint: Path
     defaults = build_parser().parse_args([])
     if not torch.cuda.is_available():
         assert serving_geometry(defaults, store, ["unet"]) == CPU_GEOMETRY, "nothing published: the CPU bootstrap's"
-    store.publish("unet", round1_checkpoint, {"mode": "full"})  # trained at 6 mm on 32^3 crops
-    assert serving_geometry(defaults, store, ["unet"]) == {"spacing": "6", "roi_size": "32"}
-    one_flag = build_parser().parse_args(["--roi-size", "48"])
-    assert serving_geometry(one_flag, store, ["unet"]) == {"spacing": "6", "roi_size": "48"}
-
-
-@pytest.mark.parametrize("backbones", [["unet"], ["swin_unetr", "unet"]])
-def test_geometry_reads_the_first_published_backbone(round1_checkpoint: Path, tmp_path: Path, backbones):
-    store = ModelStore(tmp_path / "models")
-    store.publish("unet", round1_checkpoint, {"mode": "full"})
-    assert serving_geometry(build_parser().parse_args([]), store, backbones)["spacing"] == "6"
+    store.publish("unet", checkpoint_48, {"mode": "full"})
+    assert serving_geometry(defaults, store, ["unet"]) == {"spacing": "4.5", "roi_size": "48"}
+    assert serving_geometry(defaults, store, ["swin_unetr", "unet"])["spacing"] == "4.5", "the published one"
+    one_flag = build_parser().parse_args(["--roi-size", "64"])
+    assert serving_geometry(one_flag, store, ["unet"]) == {"spacing": "4.5", "roi_size": "64"}
 
 
 def test_last_validation_reads_the_last_validated_epoch(tmp_path: Path):

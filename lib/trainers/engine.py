@@ -251,7 +251,8 @@ def build_model(config: TrainConfig) -> UniversalModel:
 
 
 def trained_class_indices(config: TrainConfig) -> list[int]:
-    """Channels whose heads train: the revised classes (continual) or all of them (full)."""
+    """Channels a run may train: the revised classes (continual) or all of them (full); the run then keeps
+    those some training case supervises (:func:`supervised_indices`)."""
     if config.mode == "full":
         return list(range(len(CLASS_NAMES)))
     if not config.revised_classes:

@@ -67,7 +67,8 @@ class RevisionTrainTask(TrainTask):
 
     def config(self) -> dict[str, Any]:
         return {"mode": "auto", "max_epochs": self.app_config.train_epochs, "revised_classes": "", "lr": 1e-4,
-                "replay_fraction": self.app_config.replay_fraction, "gpus": "all"}
+                "replay_fraction": self.app_config.replay_fraction, "gpus": "all",
+                "forgetting_margin": self.app_config.forgetting_margin}
 
     def stats(self) -> dict[str, Any]:
         last = self.store.root / self.backbone / "last_train.json"
@@ -118,7 +119,8 @@ class RevisionTrainTask(TrainTask):
                   **{k: summary[k] for k in ("wall_seconds", "epochs", "steps", "samples", "world_size")}}
         if self.store.exists(self.backbone):
             revised = details.get("revised_classes") or union_of_revised(datastore.revised_cases())
-            result["forgetting_guard"] = self._guard(candidate, datastore, revised)
+            margin = float(request.get("forgetting_margin", self.app_config.forgetting_margin))
+            result["forgetting_guard"] = self._guard(candidate, datastore, revised, margin)
         if result.get("forgetting_guard", {}).get("passed", True):
             self.store.publish(self.backbone, candidate, {"mode": mode, "run_dir": str(run_dir), **details})
             result |= {"published": True, "round": self.store.info(self.backbone)["round"]}
@@ -131,12 +133,17 @@ class RevisionTrainTask(TrainTask):
         atomic_write_text(self.store.root / self.backbone / "last_train.json", json.dumps(result, indent=1))
         return result
 
-    def _guard(self, candidate: Path, datastore: RevisionDatastore, revised: list[str]) -> dict[str, Any]:
-        """Unrevised classes on the experts' final labels, before vs after this round."""
+    def _guard(self, candidate: Path, datastore: RevisionDatastore, revised: list[str], margin: float,
+               ) -> dict[str, Any]:
+        """Unrevised classes on the experts' final labels (which the experts approved), before vs after.
+
+        A full retraining almost always moves those by more than a Dice point; an admin who wants it
+        anyway sends a larger ``forgetting_margin`` with the request (1 accepts any result).
+        """
         entries = [CaseEntry(Path(c["image"]), Path(c["label"]), ALL_CLASSES, 0) for c in datastore.revised_cases()]
         guarded = [k for k in ALL_CLASSES if CLASS_NAMES[k] not in revised]
         return forgetting_guard(self.store.path(self.backbone), candidate, entries, guarded,
-                                self.app_config.forgetting_margin, self.app_config.pipeline(),
+                                margin, self.app_config.pipeline(),
                                 self.app_config.inference())
 
     def _continual_args(self, request, datastore: RevisionDatastore, run_dir: Path) -> tuple[list[str], dict]:
