@@ -33,12 +33,11 @@ from model.universal import BACKBONES, UniversalModel, canonical_backbone
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PUBLISH_WAIT_SECONDS = 60.0  # a publish copies one checkpoint; longer means a stuck publisher
 
 
 class ModelNotReady(FileNotFoundError):
     """No model has been published yet for the requested backbone."""
-
-PUBLISH_WAIT_SECONDS = 60.0  # a publish copies one checkpoint; longer means a stuck publisher
 
 
 class ModelStore:

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def published_geometry(store: ModelStore, backbones: list[str]) -> dict[str, str
     return {}
 
 
-def _conf_value(values: list[float]) -> str:
+def _conf_value(values: Sequence[float]) -> str:
     """One number when isotropic ("6"), else all three ("1.5,1.5,3"), as the app's conf parses them."""
     texts = [f"{v:g}" for v in values]
     return texts[0] if len(set(texts)) == 1 else ",".join(texts)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     store = ModelStore(requested.model_dir)
     app_conf |= serving_geometry(args, store, requested.models)
     config = AppConfig.from_conf(app_conf)
-    log.info("serving at %s mm with %s^3 windows", app_conf.get("spacing", "3"), app_conf.get("roi_size", "64"))
+    log.info("serving at %s mm with %s windows", _conf_value(config.spacing), "x".join(map(str, config.roi_size)))
     cohort = prepare_cohort(data_dir() / "phantom_demo", args.cases)
     studies = prepare_studies(args.studies, cohort)
     for backbone in config.models:
